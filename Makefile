@@ -1,0 +1,45 @@
+# Two set-up commands (see README): `make demo` and `make test`. Both create the virtual
+# environment on first use: torch first (TORCH_SPEC, e.g. a CUDA build via --index-url), then the
+# project, so pip never swaps in another torch build.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+EXTRAS      ?= test,s3
+CONFIG      ?= launch/configs/default.yaml
+SHARDS      ?= data_shards/built
+PY          := $(VENV)/bin/python
+
+# CPU by default (this is what the demo and the tests run on); GPU users override.
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo shards test test-slow test-all clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(SHARDS)/.done: $(VENV)/.installed
+	$(VENV)/bin/mera shards synth --out $(SHARDS)
+	touch $@
+
+shards: $(SHARDS)/.done
+
+demo: setup shards
+	$(VENV)/bin/mera run $(CONFIG)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+test-all: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs $(SHARDS)

@@ -1,0 +1,317 @@
+"""The run config: one YAML file, validated by pydantic.
+
+Every bad value stops with one line, ``FILE: FIELD: what is wrong``; see :func:`load_config`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mera_ds.errors import MeraError
+
+# Relative paths in a config (shards, DeepSpeed configs) are taken from the working directory,
+# falling back to the repository root so the shipped ds_configs/ are found from anywhere.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ConfigError(MeraError):
+    pass
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a field name must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class EncoderConfig(_Strict):
+    """A frozen modality encoder: a built-in tiny one (path unset) or a pretrained HF path/id."""
+
+    type: Literal["clip_vision", "video", "whisper", "depth", "precomputed"]
+    path: Optional[str] = None
+    tiny: dict[str, Any] = Field(default_factory=dict, description="overrides of the tiny config")
+    num_frames: int = Field(4, ge=1, description="video: frames sampled per clip")
+    time_tokens: int = Field(4, ge=1, description="video: tokens per clip after temporal pooling")
+    feature_dim: Optional[int] = Field(None, ge=1, description="precomputed: feature width")
+
+    @model_validator(mode="after")
+    def _precomputed_needs_dim(self):
+        if self.type == "precomputed" and self.feature_dim is None:
+            raise ValueError("feature_dim is required when type is 'precomputed'")
+        return self
+
+
+class ConnectorConfig(_Strict):
+    type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+
+
+class TaskConfig(_Strict):
+    metric: Literal["exact_match"] = "exact_match"
+    max_new_tokens: int = Field(8, ge=1)
+
+
+class ModalityConfig(_Strict):
+    name: str
+    encoder: EncoderConfig
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    train_shards: str = Field(description="brace pattern of local paths or s3:// URLs")
+    eval_shards: str
+    align_shards: Optional[str] = Field(None, description="caption-style data; default train")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not MODALITY_NAME.match(v):
+            raise ValueError(f"{v!r} is not a modality name (lower case letters, digits, _)")
+        return v
+
+    @field_validator("train_shards", "eval_shards", "align_shards")
+    @classmethod
+    def _url(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("empty shard pattern")
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"unsupported URL scheme {scheme!r} in {v!r} (local path or s3://)")
+        return v
+
+
+class LLMConfig(_Strict):
+    """The shared causal LLM: a built-in tiny Llama (path unset) or an HF path/id."""
+
+    path: Optional[str] = None
+    tiny: dict[str, Any] = Field(default_factory=dict, description="overrides of the tiny config")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    max_length: int = Field(256, ge=8, description="tokens per sample, modality tokens included")
+
+
+class _Training(_Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch (all workers, accumulation included)")
+    micro_batch_size: int = Field(ge=1, description="per worker and step")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class AlignConfig(_Training):
+    enabled: bool = False
+    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+
+
+class FinetuneConfig(_Training):
+    lr_llm: float = Field(2e-4, gt=0)
+    lr_connector: float = Field(2e-5, gt=0)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+
+
+class MergeConfig(_Strict):
+    strategy: Literal["mera", "linear", "task_arithmetic", "ties", "dare"] = "mera"
+    weights: Optional[list[float]] = Field(None, description="linear: one weight per model")
+    lam: float = Field(1.0, description="task_arithmetic/ties/dare: scale of the summed deltas")
+    density: float = Field(0.2, gt=0, le=1, description="ties: fraction of delta magnitudes kept")
+    drop_p: float = Field(0.9, ge=0, lt=1, description="dare: drop probability")
+    seed: int = 0
+    shard_size: str = Field("2GB", description="output shard size, e.g. 500MB")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class RealignConfig(_Training):
+    enabled: bool = True
+    lr: float = Field(2e-5, gt=0)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    replay_ratio: float = Field(0.1, gt=0, le=1, description="r: share of each modality replayed")
+    mode: Literal["zero3", "data_parallel"] = Field(
+        "zero3", description="data_parallel keeps a frozen LLM copy per worker (fits one device)")
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    max_samples: Optional[int] = Field(None, ge=1)
+
+
+class StagesConfig(_Strict):
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    realign: RealignConfig = Field(default_factory=RealignConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class ClusterConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="training workers, one per GPU")
+    use_gpu: bool = False
+    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    ray_address: Optional[str] = Field(None, description="None starts a local Ray instance")
+    timeout_s: int = Field(1800, ge=10, description="collective timeout (NCCL/gloo)")
+    max_failures: int = Field(1, ge=0, description="Ray Train restarts of a failed job")
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _ds_config(cls, v: str) -> str:
+        path = resolve_path(v)
+        if not os.path.isfile(path):
+            raise ValueError(f"no DeepSpeed config at {v!r}")
+        try:
+            with open(path) as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{v!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        return v
+
+
+class DataConfig(_Strict):
+    on_corrupt: Literal["error", "skip"] = Field(
+        "error", description="skip drops a corrupt sample or shard and logs the count")
+    loader_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(256, ge=0)
+
+
+class RunConfig(_Strict):
+    run_dir: str = Field(description="local path or s3:// prefix of the run")
+    seed: int = 0
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    modalities: list[ModalityConfig] = Field(min_length=1, description="in training order")
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("modalities")
+    @classmethod
+    def _unique(cls, v: list[ModalityConfig]) -> list[ModalityConfig]:
+        seen = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"modality {m.name!r} appears twice")
+            seen.add(m.name)
+        return v
+
+    @model_validator(mode="after")
+    def _batches(self):
+        stages = self.stages
+        for name in ("align", "finetune", "realign"):
+            s = getattr(stages, name)
+            per_step = s.micro_batch_size * self.cluster.num_workers
+            if s.batch_size % per_step:
+                raise ValueError(
+                    f"stages.{name}.batch_size {s.batch_size} is not a multiple of "
+                    f"micro_batch_size x cluster.num_workers = {per_step}")
+        w = stages.merge.weights
+        if w is not None and len(w) != len(self.modalities):
+            raise ValueError(
+                f"stages.merge.weights has {len(w)} entries for {len(self.modalities)} modalities")
+        return self
+
+    def modality(self, name: str) -> ModalityConfig:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise ConfigError(f"modality {name!r} is not in the config "
+                          f"(it has {', '.join(m.name for m in self.modalities)})")
+
+    def grad_accum(self, stage: str) -> int:
+        s = getattr(self.stages, stage)
+        return s.batch_size // (s.micro_batch_size * self.cluster.num_workers)
+
+    def config_hash(self) -> str:
+        """Identifies what a run computes: a resumed run with another hash was changed."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_path(path: str) -> str:
+    """A relative local path: from the working directory if it is there, else from the repository
+    root. URLs and absolute paths stay as they are."""
+    if "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(REPO_ROOT, path)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000 bytes; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (e.g. 500MB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("function-after", "function-before"):
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    if err["type"] == "missing":
+        msg = "required field is missing"
+    return msg
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping of fields, got "
+                          f"{type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        # A model-level check names its field in the message; don't prefix "(top level)".
+        loc = _loc(err["loc"])
+        if loc == "(top level)" and err["type"] == "value_error":
+            raise ConfigError(f"{source}: {_describe(err)}{more}") from None
+        raise ConfigError(f"{source}: {loc}: {_describe(err)}{more}") from None
+
+
+def load_config(path: str) -> RunConfig:
+    """Read and validate a run config; every problem is one ConfigError line naming the file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or e}") from None
+    return parse_config(data, path)
