@@ -1,0 +1,41 @@
+"""What a set of shards holds: shard and sample counts, member extensions, modalities, answers."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from mera_ds import storage
+from mera_ds.data.shards import CorruptDataError, expand_shards, raw_samples
+from mera_ds.errors import MeraError
+
+
+def inspect_shards(pattern: str) -> dict[str, Any]:
+    """Read every sample of `pattern` (inputs are not decoded) and summarise it:
+    {"pattern", "shards", "samples", "fields", "modalities": {m: n}, "answers": {m: {a: n}}}."""
+    urls = expand_shards(pattern)
+    missing = [u for u in urls if not storage.exists(u)]
+    if len(missing) == len(urls):
+        raise MeraError(f"{pattern}: no shards matched")
+    if missing:
+        raise MeraError(f"{missing[0]}: no such shard ({len(missing)} of the {len(urls)} "
+                        f"shards of {pattern} are missing)")
+    fields: set[str] = set()
+    modalities: Counter[str] = Counter()
+    answers: dict[str, Counter[str]] = {}
+    samples = 0
+    for url in urls:
+        for raw in raw_samples(url):
+            samples += 1
+            fields.update(k for k in raw if not k.startswith("__"))
+            try:
+                meta = json.loads(raw["json"])
+                modality, answer = meta["modality"], meta["answer"]
+            except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+                raise CorruptDataError(f"{url}: sample {raw['__key__']!r}: no json with modality "
+                                       f"and answer ({type(e).__name__}: {e})") from None
+            modalities[modality] += 1
+            answers.setdefault(modality, Counter())[answer] += 1
+    return {"pattern": pattern, "shards": len(urls), "samples": samples,
+            "fields": sorted(fields), "modalities": dict(sorted(modalities.items())),
+            "answers": {m: dict(sorted(a.items())) for m, a in sorted(answers.items())}}
