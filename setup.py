@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch>=2.3",
         "deepspeed>=0.15",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "accelerate>=0.34",
         "ray[train]>=2.30",
         "webdataset>=0.2.90",

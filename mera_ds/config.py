@@ -39,6 +39,8 @@ class EncoderConfig(_Strict):
     tiny: dict[str, Any] = Field(default_factory=dict, description="overrides of the tiny config")
     num_frames: int = Field(4, ge=1, description="video: frames sampled per clip")
     time_tokens: int = Field(4, ge=1, description="video: tokens per clip after temporal pooling")
+    spatial_grid: int = Field(2, ge=1, description="video: each frame pooled to a grid x grid")
+    num_tokens: int = Field(4, ge=1, description="whisper, precomputed: tokens per sample")
     feature_dim: Optional[int] = Field(None, ge=1, description="precomputed: feature width")
 
     @model_validator(mode="after")
@@ -92,11 +94,14 @@ class LLMConfig(_Strict):
     path: Optional[str] = None
     tiny: dict[str, Any] = Field(default_factory=dict, description="overrides of the tiny config")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention",
+                                 "eager"] = "auto"
     max_length: int = Field(256, ge=8, description="tokens per sample, modality tokens included")
 
 
 class _Training(_Strict):
+    packing: bool = Field(True, description="pack samples into rows of llm.max_length tokens "
+                          "instead of padding each to the longest")
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="global batch (all workers, accumulation included)")
     micro_batch_size: int = Field(ge=1, description="per worker and step")
@@ -123,7 +128,8 @@ class FinetuneConfig(_Training):
 
 class MergeConfig(_Strict):
     strategy: Literal["mera", "linear", "task_arithmetic", "ties", "dare"] = "mera"
-    weights: Optional[list[float]] = Field(None, description="linear: one weight per model")
+    weights: Optional[list[float]] = Field(
+        None, description="linear: one weight per merged model, the previous one first")
     lam: float = Field(1.0, description="task_arithmetic/ties/dare: scale of the summed deltas")
     density: float = Field(0.2, gt=0, le=1, description="ties: fraction of delta magnitudes kept")
     drop_p: float = Field(0.9, ge=0, lt=1, description="dare: drop probability")
@@ -219,10 +225,6 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"stages.{name}.batch_size {s.batch_size} is not a multiple of "
                     f"micro_batch_size x cluster.num_workers = {per_step}")
-        w = stages.merge.weights
-        if w is not None and len(w) != len(self.modalities):
-            raise ValueError(
-                f"stages.merge.weights has {len(w)} entries for {len(self.modalities)} modalities")
         return self
 
     def modality(self, name: str) -> ModalityConfig:

@@ -67,7 +67,7 @@ BAD = [
     ("stages.realign.mode", "fsdp", "stages.realign.mode:"),
     ("stages.merge.strategy", "slerp", "stages.merge.strategy:"),
     ("stages.merge.shard_size", "big", "stages.merge.shard_size: 'big' is not a size"),
-    ("stages.merge.weights", [1.0, 2.0], "stages.merge.weights has 2 entries for 4 modalities"),
+    ("stages.merge.weights", "heavy", "stages.merge.weights: Input should be a valid list"),
     ("cluster.deepspeed_config", "ds_configs/nope.json", "cluster.deepspeed_config: no DeepSpeed"),
     ("cluster.num_workers", 0, "cluster.num_workers: Input should be greater than or equal to 1"),
     ("llm.dtype", "fp8", "llm.dtype:"),

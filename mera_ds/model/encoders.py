@@ -1,0 +1,295 @@
+"""Frozen modality encoders: a decoded sample -> a fixed number of feature tokens.
+
+Each encoder turns one decoded sample (COMMON.md) into a fixed-shape tensor with `preprocess`, and
+a batch of those into (B, num_tokens, out_dim) features with `forward`. Encoders are never trained:
+parameters are frozen, the module stays in eval mode, and forward runs without autograd.
+
+Built-in tiny encoders (path unset) are random towers seeded from the modality name, so every
+process builds the same weights; with `path` set, the tower and its processor config come from
+that HF directory or id.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mera_ds.config import EncoderConfig
+from mera_ds.errors import MeraError
+from mera_ds.model import tiny
+
+# Encoder options that are not fields of the HF tower's config; they may be set in `tiny`
+# for built-in and pretrained encoders alike.
+INPUT_KIND = {"clip_vision": "image", "video": "video", "whisper": "audio", "depth": "depth",
+              "precomputed": "features"}
+
+
+class Encoder(nn.Module):
+    """Base: frozen, always in eval mode, no autograd in forward."""
+
+    input_kind: str
+    num_tokens: int
+    out_dim: int
+
+    def __init__(self, modality: str):
+        super().__init__()
+        self.modality = modality
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        # The MLLM is put in train mode as a whole; a frozen encoder keeps eval behaviour
+        # (no dropout), so its features are the same in training and evaluation.
+        return super().train(False)
+
+    def preprocess(self, sample: dict) -> torch.Tensor:
+        kind = sample.get("input_kind")
+        if kind != self.input_kind:
+            raise MeraError(f"sample {sample.get('__key__', '?')}: modality {self.modality!r} "
+                            f"expects input_kind {self.input_kind!r}, got {kind!r}")
+        return self._preprocess(sample)
+
+    def _preprocess(self, sample: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dtype(self) -> torch.dtype:
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+
+class VisionTower(nn.Module):
+    """A CLIP-style vision transformer and its pixel transform. Features are the patch tokens of
+    the penultimate layer, as LLaVA uses them."""
+
+    def __init__(self, modality: str, cfg: EncoderConfig, overrides: dict):
+        super().__init__()
+        from transformers import CLIPVisionModel
+
+        if cfg.path is None:
+            config = tiny.tiny_clip_vision_config(overrides, f"modalities[{modality}].encoder")
+            with tiny.seeded(tiny.modality_seed(modality)):
+                self.model = CLIPVisionModel(config)
+            self.resize = self.crop = config.image_size
+            self.mean = self.std = (0.5, 0.5, 0.5)
+        else:
+            from transformers import AutoImageProcessor
+
+            self.model = CLIPVisionModel.from_pretrained(cfg.path)
+            proc = AutoImageProcessor.from_pretrained(cfg.path)
+            size, crop = dict(proc.size), dict(proc.crop_size)
+            self.resize = size.get("shortest_edge") or size["height"]
+            self.crop = crop["height"]
+            self.mean, self.std = tuple(proc.image_mean), tuple(proc.image_std)
+        config = self.model.config
+        self.grid = config.image_size // config.patch_size
+        self.hidden = config.hidden_size
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W) or (H, W, C) floats in [0, 1] -> normalised (3, crop, crop): resize the short
+        side, centre-crop, as CLIP's processor does."""
+        x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)
+        if x.ndim == 2:
+            x = x[..., None]
+        x = x.permute(2, 0, 1)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        elif x.shape[0] == 4:  # RGBA: drop alpha
+            x = x[:3]
+        h, w = x.shape[1:]
+        scale = self.resize / min(h, w)
+        size = (max(self.crop, round(h * scale)), max(self.crop, round(w * scale)))
+        if size != (h, w):
+            x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True,
+                              align_corners=False)[0].clamp(0, 1)
+        top, left = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
+        x = x[:, top:top + self.crop, left:left + self.crop]
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, grid*grid, hidden)."""
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[-2][:, 1:]  # drop the class token
+
+
+def _image01(sample: dict) -> np.ndarray:
+    x = np.asarray(sample["input"])
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    return np.clip(x.astype(np.float32), 0.0, 1.0)
+
+
+class ClipVisionEncoder(Encoder):
+    input_kind = "image"
+
+    def __init__(self, modality: str, cfg: EncoderConfig, overrides: dict):
+        super().__init__(modality)
+        self.tower = VisionTower(modality, cfg, overrides)
+        self.num_tokens = self.tower.grid ** 2
+        self.out_dim = self.tower.hidden
+
+    def _preprocess(self, sample: dict) -> torch.Tensor:
+        x = np.asarray(sample["input"])
+        if x.ndim not in (2, 3):
+            raise MeraError(f"sample {sample.get('__key__', '?')}: image of shape {x.shape}, "
+                            "expected (H, W) or (H, W, C)")
+        return self.tower.pixels(_image01(sample))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tower(x.to(self._dtype()))
+
+
+class VideoEncoder(Encoder):
+    """The image tower over `num_frames` frames sampled uniformly from the clip. Each frame's patch
+    tokens are pooled to a coarse `spatial_grid` x `spatial_grid` grid, flattened into one token
+    (a plain spatial mean would lose where things are, and with it the motion), then the frame
+    tokens are pooled in time to `time_tokens` tokens, in order."""
+
+    input_kind = "video"
+
+    def __init__(self, modality: str, cfg: EncoderConfig, overrides: dict, spatial_grid: int):
+        super().__init__(modality)
+        self.tower = VisionTower(modality, cfg, overrides)
+        self.num_frames = cfg.num_frames
+        self.spatial_grid = min(spatial_grid, self.tower.grid)
+        self.num_tokens = cfg.time_tokens
+        self.out_dim = self.tower.hidden * self.spatial_grid ** 2
+
+    def _preprocess(self, sample: dict) -> torch.Tensor:
+        x = np.asarray(sample["input"])
+        if x.ndim not in (3, 4) or x.shape[0] < 1:
+            raise MeraError(f"sample {sample.get('__key__', '?')}: video of shape {x.shape}, "
+                            "expected (T, H, W) or (T, H, W, C)")
+        idx = np.linspace(0, x.shape[0] - 1, self.num_frames).round().astype(int)
+        frames = _image01({"input": x[idx]})
+        return torch.stack([self.tower.pixels(f) for f in frames])
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        patches = self.tower(x.flatten(0, 1).to(self._dtype()))  # (B*T, grid*grid, D)
+        g, d = self.tower.grid, self.tower.hidden
+        grid = patches.transpose(1, 2).reshape(b * t, d, g, g)
+        frames = F.adaptive_avg_pool2d(grid, self.spatial_grid).reshape(b, t, -1)
+        return F.adaptive_avg_pool1d(frames.transpose(1, 2), self.num_tokens).transpose(1, 2)
+
+
+class DepthEncoder(ClipVisionEncoder):
+    """The image tower over the depth map: non-finite values (no return) set to the farthest
+    finite depth, min-max normalised per map (near = bright), repeated to 3 channels."""
+
+    input_kind = "depth"
+
+    def _preprocess(self, sample: dict) -> torch.Tensor:
+        d = np.asarray(sample["input"], dtype=np.float32)
+        if d.ndim != 2:
+            raise MeraError(f"sample {sample.get('__key__', '?')}: depth map of shape {d.shape}, "
+                            "expected (H, W)")
+        finite = np.isfinite(d)
+        if not finite.any():
+            raise MeraError(f"sample {sample.get('__key__', '?')}: depth map has no finite value")
+        far, near = d[finite].max(), d[finite].min()
+        d = np.where(finite, d, far)
+        x = (far - d) / (far - near) if far > near else np.zeros_like(d)
+        return self.tower.pixels(x)
+
+
+class WhisperAudioEncoder(Encoder):
+    """A Whisper encoder over log-mel features of the clip (padded or cut to the encoder's
+    window), its output frames average-pooled in time to `num_tokens` tokens."""
+
+    input_kind = "audio"
+
+    def __init__(self, modality: str, cfg: EncoderConfig, overrides: dict, num_tokens: int):
+        super().__init__(modality)
+        from transformers import WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        if cfg.path is None:
+            config = tiny.tiny_whisper_config(overrides, f"modalities[{modality}].encoder")
+            with tiny.seeded(tiny.modality_seed(modality)):
+                self.model = WhisperEncoder(config)
+            # One chunk of the tiny window: max_source_positions * 2 frames of 10 ms each.
+            seconds = config.max_source_positions * 2 * 160 / 16000
+            if seconds != int(seconds):
+                raise MeraError(f"modalities[{modality}].encoder.tiny.max_source_positions: "
+                                f"must be a multiple of 50 (1 s windows), got "
+                                f"{config.max_source_positions}")
+            self.features = WhisperFeatureExtractor(feature_size=config.num_mel_bins,
+                                                    chunk_length=int(seconds))
+        else:
+            from transformers import WhisperModel
+
+            self.model = WhisperModel.from_pretrained(cfg.path).get_encoder()
+            self.features = WhisperFeatureExtractor.from_pretrained(cfg.path)
+        self.num_tokens = num_tokens
+        self.out_dim = self.model.config.d_model
+
+    def _preprocess(self, sample: dict) -> torch.Tensor:
+        wav = np.asarray(sample["input"], dtype=np.float32)
+        if wav.ndim == 2:  # (n, channels) -> mono
+            wav = wav.mean(axis=1)
+        if wav.ndim != 1:
+            raise MeraError(f"sample {sample.get('__key__', '?')}: audio of shape {wav.shape}, "
+                            "expected (n,)")
+        sr, target = int(sample.get("sample_rate", self.features.sampling_rate)), \
+            self.features.sampling_rate
+        if sr != target:  # linear resampling is enough for a 16 kHz encoder window
+            n = int(round(len(wav) * target / sr))
+            wav = np.interp(np.arange(n) * sr / target, np.arange(len(wav)), wav).astype(np.float32)
+        feats = self.features(wav, sampling_rate=target, return_tensors="np")["input_features"]
+        return torch.from_numpy(feats[0])
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.model(input_features=x.to(self._dtype())).last_hidden_state  # (B, frames, D)
+        return F.adaptive_avg_pool1d(h.transpose(1, 2), self.num_tokens).transpose(1, 2)
+
+
+class PrecomputedEncoder(Encoder):
+    """Features computed offline and stored in the shards, (N, feature_dim): no encoder runs;
+    N is average-pooled to `num_tokens` so every sample takes the same number of tokens."""
+
+    input_kind = "features"
+
+    def __init__(self, modality: str, cfg: EncoderConfig, num_tokens: int):
+        super().__init__(modality)
+        self.num_tokens = num_tokens
+        self.out_dim = cfg.feature_dim
+
+    def _preprocess(self, sample: dict) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(sample["input"], dtype=np.float32))
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.out_dim or x.shape[0] < 1:
+            raise MeraError(f"sample {sample.get('__key__', '?')}: features of shape "
+                            f"{tuple(x.shape)}, expected (N, {self.out_dim})")
+        return F.adaptive_avg_pool1d(x.T[None], self.num_tokens)[0].T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+
+def build_encoder(modality: str, cfg: EncoderConfig) -> Encoder:
+    """The frozen encoder of one modality, from its config."""
+    overrides = dict(cfg.tiny)
+    if cfg.type == "precomputed" and overrides:
+        raise MeraError(f"modalities[{modality}].encoder.tiny: unknown field(s) "
+                        f"{', '.join(sorted(overrides))} for a precomputed encoder")
+    if cfg.type == "clip_vision":
+        enc = ClipVisionEncoder(modality, cfg, overrides)
+    elif cfg.type == "depth":
+        enc = DepthEncoder(modality, cfg, overrides)
+    elif cfg.type == "video":
+        enc = VideoEncoder(modality, cfg, overrides, cfg.spatial_grid)
+    elif cfg.type == "whisper":
+        enc = WhisperAudioEncoder(modality, cfg, overrides, cfg.num_tokens)
+    else:
+        enc = PrecomputedEncoder(modality, cfg, cfg.num_tokens)
+    enc.freeze()
+    return enc

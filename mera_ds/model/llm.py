@@ -1,0 +1,124 @@
+"""The shared causal LLM and its tokenizer: the built-in tiny Llama, or any HF causal LM.
+
+`build_llm` only creates the model through AutoModelForCausalLM.from_config / from_pretrained and
+never touches the weights afterwards in Python, so the finetune job can call it under DeepSpeed's
+HfDeepSpeedConfig and the LLM is created partitioned (ZeRO-3) from the start.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+
+import torch
+from tokenizers import AddedToken
+
+from mera_ds.config import LLMConfig
+from mera_ds.errors import MeraError
+from mera_ds.model import tiny
+from mera_ds.model.tiny import PLACEHOLDER
+from mera_ds.storage import is_remote, url_to_fs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attn_implementation(llm_cfg: LLMConfig) -> str:
+    """`auto`: FlashAttention-2 where it can run (installed, a GPU, half precision); else, on a
+    GPU, PyTorch's flex attention; else SDPA. Packed training rows need a varlen or block-mask
+    kernel: SDPA runs them on its slow masked path (BENCHMARKS.md, finetune: 0.88x vs 1.24x)."""
+    if llm_cfg.attn_implementation != "auto":
+        return llm_cfg.attn_implementation
+    if not torch.cuda.is_available():
+        return "sdpa"
+    if llm_cfg.dtype != "float32" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "flex_attention"
+
+
+def _local(path: str, tmp: str) -> str:
+    """An HF directory on S3 is copied to `tmp` first: from_pretrained reads local files only."""
+    if not is_remote(path):
+        local = path.removeprefix("file://")
+        if (os.path.isabs(local) or local.startswith(".")) and not os.path.isdir(local):
+            raise MeraError(f"{path}: no such LLM directory")
+        return local
+    fs, rpath = url_to_fs(path)
+    if not fs.exists(f"{rpath.rstrip('/')}/config.json"):
+        raise MeraError(f"{path}: no config.json; not an LLM directory")
+    fs.get(rpath.rstrip("/") + "/", tmp, recursive=True)
+    return tmp
+
+
+def _with_placeholder(tokenizer):
+    """An HF tokenizer gets the <modality> token (one special token) and, if it has none, a pad
+    token (the eos token: padded positions are masked and never labelled)."""
+    if PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(PLACEHOLDER, special=True, normalized=False)],
+                             special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_tokenizer(llm_cfg: LLMConfig, path: str | None = None):
+    """The tokenizer of the LLM at `path` (default: llm_cfg.path; unset: the tiny tokenizer)."""
+    path = path or llm_cfg.path
+    if path is None:
+        return tiny.tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mera-tok-") as tmp:
+        local = _local(path, tmp)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(local)
+        except (OSError, ValueError) as e:
+            raise MeraError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    return _with_placeholder(tokenizer)
+
+
+def build_llm(llm_cfg: LLMConfig, path: str | None = None):
+    """(llm, tokenizer). `path` (an HF directory, s3:// URL or hub id; default llm_cfg.path) is
+    loaded with AutoModelForCausalLM.from_pretrained; without one, the tiny Llama is created from
+    its config with weights seeded the same in every process."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or llm_cfg.path
+    kwargs = dict(dtype=DTYPES[llm_cfg.dtype], attn_implementation=attn_implementation(llm_cfg))
+    tokenizer = build_tokenizer(llm_cfg, path)
+    if path is None:
+        config = tiny.tiny_llama_config(llm_cfg.tiny, len(tokenizer), llm_cfg.max_length,
+                                        tokenizer)
+        with tiny.seeded(tiny.modality_seed("llm")):
+            llm = AutoModelForCausalLM.from_config(config, **kwargs)
+        return llm, tokenizer
+    with tempfile.TemporaryDirectory(prefix="mera-llm-") as tmp:
+        local = _local(path, tmp)
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+        except (OSError, ValueError) as e:
+            raise MeraError(f"{path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    # Grow the embeddings only if the new <modality> id lies beyond them (many LLMs pad their
+    # vocabulary, and a directory saved by mera-ds already has the token).
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    return llm, tokenizer
+
+
+def save_llm_metadata(llm, tokenizer, url: str) -> None:
+    """Write everything of an HF LLM directory except the weights: config.json,
+    generation_config.json and the tokenizer files. The weights are written next to them as
+    sharded safetensors by the streaming writer."""
+    if is_remote(url):
+        fs, rpath = url_to_fs(url)
+        with tempfile.TemporaryDirectory(prefix="mera-meta-") as tmp:
+            save_llm_metadata(llm, tokenizer, tmp)
+            for name in sorted(os.listdir(tmp)):
+                fs.put_file(os.path.join(tmp, name), f"{rpath.rstrip('/')}/{name}")
+        return
+    path = url.removeprefix("file://")
+    os.makedirs(path, exist_ok=True)
+    llm.config.architectures = [type(llm).__name__]
+    llm.config.save_pretrained(path)
+    if llm.generation_config is not None:
+        llm.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)

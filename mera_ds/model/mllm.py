@@ -1,0 +1,257 @@
+"""The MLLM: frozen encoders -> per-modality connectors -> one shared causal LLM.
+
+A sample's prompt holds the `<modality>` placeholder token repeated as many times as its encoder
+gives tokens; the connector outputs replace the placeholder embeddings in place (no length
+change), so the LLM sees one sequence and any HF causal LM works unchanged.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from mera_ds.config import RunConfig
+from mera_ds.errors import MeraError
+from mera_ds.model import tiny
+from mera_ds.model.connectors import build_connector
+from mera_ds.model.encoders import Encoder, build_encoder
+from mera_ds.model.llm import build_llm
+from mera_ds.model.tiny import PLACEHOLDER
+
+IGNORE = -100  # label of positions without loss (prompt, padding)
+
+
+class MLLM(nn.Module):
+    def __init__(self, llm, tokenizer, encoders: dict[str, Encoder],
+                 connectors: dict[str, nn.Module], max_length: int):
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.encoders = nn.ModuleDict(encoders)
+        self.connectors = nn.ModuleDict(connectors)
+        self.max_length = max_length
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """LLM input embeddings of the batch with each sample's connector output spliced in at
+        its placeholder positions."""
+        embed_tokens = self.llm.get_input_embeddings()
+        ids = batch["input_ids"].to(embed_tokens.weight.device)
+        embeds = embed_tokens(ids)
+        features = {}
+        for modality, x in batch["inputs"].items():
+            connector = self.connectors[modality]
+            if x.is_floating_point():  # inputs come as fp32; the model may run in bf16
+                x = x.to(dtype=embeds.dtype)
+            feats = self.encoders[modality](x.to(ids.device))
+            dtype = next(connector.parameters()).dtype
+            features[modality] = connector(feats.to(dtype)).to(embeds.dtype)
+        # Rows in batch order; within a modality the collator stacked inputs in that order too.
+        seen = dict.fromkeys(features, 0)
+        rows = []
+        for modality in batch["modalities"]:
+            rows.append(features[modality][seen[modality]])
+            seen[modality] += 1
+        # The collator put exactly num_tokens placeholders in each row (and none elsewhere), so
+        # the placeholder positions, in row-major order, match the concatenated rows one to one.
+        mask = (ids == self.placeholder_id).unsqueeze(-1)
+        return embeds.masked_scatter(mask, torch.cat(rows))
+
+    def forward(self, batch: dict):
+        """The LLM output for a training batch; `.loss` is the mean over answer tokens."""
+        embeds = self.embed(batch)
+        labels = batch.get("labels")
+        mask, positions = batch.get("attention_mask"), batch.get("position_ids")
+        return self.llm(inputs_embeds=embeds,
+                        attention_mask=None if mask is None else mask.to(embeds.device),
+                        position_ids=None if positions is None else positions.to(embeds.device),
+                        labels=None if labels is None else labels.to(embeds.device),
+                        use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int, **kwargs) -> list[str]:
+        """Greedy answers of a generation batch (left-padded prompts). Extra keyword arguments go
+        to HF generate, e.g. synced_gpus=True under ZeRO-3."""
+        embeds = self.embed(batch)
+        tok = self.tokenizer
+        out = self.llm.generate(inputs_embeds=embeds,
+                                attention_mask=batch["attention_mask"].to(embeds.device),
+                                max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                **kwargs)
+        # With inputs_embeds only, generate returns just the new tokens.
+        return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def build_mllm(run_cfg: RunConfig, modalities: list[str] | None = None, llm=None,
+               tokenizer=None) -> MLLM:
+    """The MLLM of `modalities` (default: all of the config, in order). Pass `llm` and
+    `tokenizer` (from build_llm, e.g. created under ZeRO-3 or loaded from a stage's directory)
+    to use them; otherwise the config's LLM is built. Connectors start from a seed derived from
+    the run seed and the modality name, so every rank builds the same ones."""
+    if (llm is None) != (tokenizer is None):
+        raise TypeError("build_mllm: pass both llm and tokenizer, or neither")
+    if llm is None:
+        llm, tokenizer = build_llm(run_cfg.llm)
+    names = [m.name for m in run_cfg.modalities] if modalities is None else list(modalities)
+    hidden = llm.config.get_text_config().hidden_size
+    encoders, connectors = {}, {}
+    for name in names:
+        cfg = run_cfg.modality(name)
+        encoders[name] = build_encoder(name, cfg.encoder)
+        with tiny.seeded(tiny.modality_seed(f"connector/{name}") + run_cfg.seed):
+            connectors[name] = build_connector(cfg.connector.type, encoders[name].out_dim, hidden)
+    return MLLM(llm, tokenizer, encoders, connectors, run_cfg.llm.max_length)
+
+
+class Collator:
+    """Decoded samples -> one batch for MLLM.forward (train=True) or MLLM.generate (False).
+
+    Sequence: [bos] "user :" <modality> x N " {instruction}" " assistant :" [" {answer}" eos].
+    Training batches are right-padded and labelled on answer + eos only; generation batches hold
+    the prompt only, left-padded so every row ends where generation starts. Too long a sample
+    loses the end of its instruction; the template, the placeholder block and the answer are
+    never cut.
+
+    With `pack` (training only), samples share rows of up to max_length tokens instead of each
+    being padded to the longest: position_ids restart at every sample and no attention_mask is
+    given, from which transformers builds block-diagonal causal attention (varlen kernels under
+    FlashAttention-2), so packed samples never see each other.
+    """
+
+    def __init__(self, mllm: MLLM, train: bool, pack: bool = False):
+        if pack and not train:
+            raise ValueError("Collator: packing is for training batches only")
+        self.encoders = mllm.encoders
+        self.tokenizer = mllm.tokenizer
+        self.max_length = mllm.max_length
+        self.train = train
+        self.pack = pack
+        self.placeholder_id = mllm.placeholder_id
+        tok = self.tokenizer
+        # What the tokenizer adds in front of a text (bos for Llama-style tokenizers).
+        self.prefix = tok("", add_special_tokens=True)["input_ids"]
+        self.user = self._ids("user :")
+        self.tail = self._ids(" assistant :")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, sample: dict) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one sample, before padding."""
+        key = sample.get("__key__", "?")
+        modality = sample.get("modality")
+        if modality not in self.encoders:
+            raise MeraError(f"sample {key}: modality {modality!r} has no encoder in this model "
+                            f"(it has {', '.join(self.encoders)})")
+        n = self.encoders[modality].num_tokens
+        head = self.prefix + self.user + [self.placeholder_id] * n
+        instruction = self._ids(" " + sample["instruction"])
+        answer = self._ids(" " + sample["answer"]) + [self.tokenizer.eos_token_id] \
+            if self.train else []
+        if self.placeholder_id in instruction or self.placeholder_id in answer:
+            raise MeraError(f"sample {key}: instruction or answer contains {PLACEHOLDER}")
+        fixed = len(head) + len(self.tail) + len(answer)
+        if fixed > self.max_length:
+            raise MeraError(f"sample {key}: {n} {modality} tokens, template and answer need "
+                            f"{fixed} tokens, more than llm.max_length={self.max_length}")
+        instruction = instruction[:self.max_length - fixed]
+        prompt = head + instruction + self.tail
+        return prompt + answer, [IGNORE] * len(prompt) + answer
+
+    def __call__(self, samples: Iterable[dict]) -> dict:
+        samples = list(samples)
+        if not samples:
+            raise ValueError("Collator: empty batch")
+        encoded = [self.encode(s) for s in samples]
+        rows = self._pack(encoded) if self.pack else [[i] for i in range(len(samples))]
+        lengths = [sum(len(encoded[i][0]) for i in row) for row in rows]
+        # Samples in layout order: the placeholder blocks appear in this order in input_ids.
+        order = [i for row in rows for i in row]
+        samples, encoded = [samples[i] for i in order], [encoded[i] for i in order]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        k = 0
+        for r, row in enumerate(rows):
+            start = 0 if self.train else width - lengths[r]
+            for _ in row:
+                ids, lab = encoded[k]
+                span = slice(start, start + len(ids))
+                input_ids[r, span] = torch.tensor(ids)
+                attention[r, span] = 1
+                labels[r, span] = torch.tensor(lab)
+                positions[r, span] = torch.arange(len(ids))
+                start += len(ids)
+                k += 1
+        groups: dict[str, list[torch.Tensor]] = {}
+        for s in samples:
+            groups.setdefault(s["modality"], []).append(self.encoders[s["modality"]].preprocess(s))
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "inputs": {m: torch.stack(xs) for m, xs in groups.items()},
+            "modalities": [s["modality"] for s in samples],
+            "answers": [s["answer"] for s in samples],
+            "keys": [s.get("__key__", "?") for s in samples],
+            "num_tokens": int(attention.sum()),  # non-padding tokens, for throughput
+        }
+        if self.train:
+            batch["labels"] = labels
+        if self.pack:
+            del batch["attention_mask"]
+            batch["position_ids"] = positions
+        return batch
+
+    def _pack(self, encoded: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+        """First-fit decreasing of sample lengths into rows of max_length tokens."""
+        rows: list[list[int]] = []
+        free: list[int] = []
+        for i in sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0])):
+            n = len(encoded[i][0])
+            for r, room in enumerate(free):
+                if n <= room:
+                    rows[r].append(i)
+                    free[r] -= n
+                    break
+            else:
+                rows.append([i])
+                free.append(self.max_length - n)
+        return rows
+
+
+def set_trainable(mllm: MLLM, llm: bool, connectors: list[str]) -> None:
+    """Freeze everything, then unfreeze the LLM (if `llm`) and the named connectors.
+    Encoders are never trained."""
+    mllm.requires_grad_(False)
+    if llm:
+        mllm.llm.requires_grad_(True)
+    for name in connectors:
+        if name not in mllm.connectors:
+            raise MeraError(f"no connector for modality {name!r} (the model has "
+                            f"{', '.join(mllm.connectors)})")
+        mllm.connectors[name].requires_grad_(True)
+
+
+def trainable_parameters(mllm: MLLM) -> dict[str, list[nn.Parameter]]:
+    """{"llm": [...], "connectors": [...]}: the parameters that require grad, by kind."""
+    return {"llm": [p for p in mllm.llm.parameters() if p.requires_grad],
+            "connectors": [p for p in mllm.connectors.parameters() if p.requires_grad]}
+
+
+def param_groups(mllm: MLLM, lr_llm: float, lr_connector: float,
+                 weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups with the per-kind learning rates of the finetune stage (the
+    paper: 2e-4 for the LLM, 2e-5 for the connector); groups without trainable parameters are
+    left out."""
+    lrs = {"llm": lr_llm, "connectors": lr_connector}
+    return [{"name": kind, "params": params, "lr": lrs[kind], "weight_decay": weight_decay}
+            for kind, params in trainable_parameters(mllm).items() if params]
