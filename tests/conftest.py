@@ -55,3 +55,28 @@ def s3_bucket(s3_endpoint):
     fs.mkdir(name)
     yield f"s3://{name}"
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def builtin_shards(tmp_path_factory):
+    """A small copy of the built-in dataset: 4 train shards of 64 and one eval shard of 40
+    samples per modality. Returns {modality: {"train": pattern, "eval": pattern}}."""
+    from mera_ds.data.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("shards")
+    return synth_dataset(str(out), seed=0, train_per_modality=256, eval_per_modality=40,
+                         samples_per_shard=64)
+
+
+@pytest.fixture
+def tiny_config(builtin_shards, tmp_path):
+    """The embedded default config on the small shards, writing its run under tmp_path."""
+    from mera_ds.config import load_config
+
+    cfg = load_config("launch/configs/default.yaml").model_dump(mode="json")
+    cfg["run_dir"] = str(tmp_path / "run")
+    for m in cfg["modalities"]:
+        m["train_shards"] = builtin_shards[m["name"]]["train"]
+        m["eval_shards"] = builtin_shards[m["name"]]["eval"]
+    cfg["data"] = {"shuffle_buffer": 64}
+    return cfg

@@ -1,0 +1,38 @@
+"""Connecting to Ray: a given cluster address, RAY_ADDRESS (set by `ray job submit`), or a local
+instance on loopback."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("mera_ds.dist")
+
+# Passed to every Ray worker unless the user's environment already sets them.
+WORKER_ENV = ("DS_ACCELERATOR", "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE",
+              "PYTHONPATH", "MERA_EXPORT_BUCKET")
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                 log_to_driver=True)
+        return
+    log.info("starting a local Ray instance on 127.0.0.1")
+    # Ray swaps 127.0.0.1 for the host's outward address unless it is told the instance is one
+    # node; a local run must stay on loopback. The env var reaches Ray's own processes, the
+    # constant this one (Ray reads it at import).
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+             runtime_env={"env_vars": env} if env else None, log_to_driver=True)

@@ -1,0 +1,28 @@
+"""align (optional): train connector_i alone on caption-style data; the LLM (theta_{i-1}, or the
+configured LLM for the first modality) stays frozen. LLaVA's stage-1 recipe."""
+from __future__ import annotations
+
+from mera_ds.config import RunConfig
+from mera_ds.layout import RunLayout
+from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
+
+
+def align_spec(cfg: RunConfig, modality: str) -> JobSpec:
+    layout = RunLayout.of(cfg)
+    m, prev = cfg.modality(modality), layout.previous(modality)
+    al = cfg.stages.align
+    return JobSpec(
+        stage="align", modality=modality, learned=[modality],
+        train_llm=False, train_connectors=[modality], data=[m.align_shards or m.train_shards],
+        settings=al, lr_llm=0.0, lr_connector=al.lr,
+        init_llm=layout.stage_llm(prev) if prev else cfg.llm.path,
+        export_connectors={modality: layout.align_connector(modality)},
+        tensorboard=layout.tensorboard(modality, "align"))
+
+
+def align(cfg: RunConfig, modality: str, checkpointer: Checkpointer | None = None) -> dict:
+    return run_job(cfg, align_spec(cfg, modality), checkpointer)
+
+
+if __name__ == "__main__":
+    launcher_main(align_spec)

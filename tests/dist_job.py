@@ -1,0 +1,53 @@
+"""Run under `torchrun` by tests/test_train.py: one training job per rank, plus what a test
+needs to see from inside it (each rank's partition, parameters before and after)."""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from mera_ds.config import parse_config
+from mera_ds.stages.align import align_spec
+from mera_ds.stages.export import gathered
+from mera_ds.stages.finetune import finetune_spec
+from mera_ds.stages.train import run_job
+
+SPECS = {"align": align_spec, "finetune": finetune_spec}
+
+
+def main():
+    cfg_path, stage, modality, out = sys.argv[1:5]
+    sleep_rank = int(os.environ.get("TEST_SLEEP_RANK", "-1"))
+    with open(cfg_path) as f:
+        cfg = parse_config(json.load(f), cfg_path)
+    spec = SPECS[stage](cfg, modality)
+
+    def observe(event, engine):
+        rank = dist.get_rank()
+        if event == "start" and rank == sleep_rank:
+            time.sleep(cfg.cluster.timeout_s + 20)  # a hung rank: the peer must time out
+        module = engine.module
+        # Each rank's own ZeRO-3 partition of every LLM parameter.
+        part = {n: p.ds_tensor.detach().clone() for n, p in module.llm.named_parameters()}
+        save_file(part, os.path.join(out, f"{event}-partition-rank{rank}.safetensors"))
+        named = [(f"llm.{n}", p) for n, p in module.llm.named_parameters()]
+        named += [(f"connector.{m}.{n}", p) for m, c in module.connectors.items()
+                  for n, p in c.named_parameters()]
+        full = dict(gathered(named, 1 << 20))
+        if rank == 0:
+            full.update({f"encoder.{m}.{n}": b.detach().clone()
+                         for m, e in module.encoders.items() for n, b in e.state_dict().items()})
+            save_file({k: v.contiguous() for k, v in full.items()},
+                      os.path.join(out, f"{event}-full.safetensors"))
+
+    metrics = run_job(cfg, spec, observe=observe)
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The per-modality training job: 2 ranks, ZeRO-3, gloo, the tiny model, the built-in shards."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mera_ds.config import parse_config
+from mera_ds.layout import RunLayout
+from tests.conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(cfg: dict, stage: str, modality: str, out, env=None, check=True):
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           os.path.join(ROOT, "tests", "dist_job.py"), path, stage, modality, str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
+                               "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def small(cfg, steps=24):
+    cfg["stages"]["finetune"].update(steps=steps, warmup_steps=2)
+    cfg["stages"]["align"].update(steps=6, batch_size=16, micro_batch_size=8)
+    return cfg
+
+
+def hf_tensors(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def equal_prefix(tensors: dict, prefix: str, other: dict) -> bool:
+    keys = [k for k in tensors if k.startswith(prefix)]
+    assert keys
+    return all(torch.equal(tensors[k], other[k]) for k in keys)
+
+
+def test_finetune_two_stages_zero3(tiny_config, tmp_path):
+    cfg = small(tiny_config)
+    layout = RunLayout.of(parse_config(cfg))
+    torchrun(cfg, "finetune", "image", tmp_path / "image")
+    start = load_file(tmp_path / "image" / "start-full.safetensors")
+    end = load_file(tmp_path / "image" / "end-full.safetensors")
+    metrics = json.loads((tmp_path / "image" / "metrics.json").read_text())
+
+    # Loss goes down on the image shards.
+    assert metrics["loss"] < 0.7 * metrics["first_loss"], metrics
+
+    # Each rank holds about half of every partitioned LLM parameter, and the two halves are it.
+    exported = hf_tensors(layout.finetune_llm("image"))
+    parts = [load_file(tmp_path / "image" / f"end-partition-rank{r}.safetensors") for r in (0, 1)]
+    for name, full in exported.items():
+        n = full.numel()
+        for part in parts:
+            assert abs(part[name].numel() - n / 2) <= 1, name
+        joined = torch.cat([parts[0][name], parts[1][name]])[:n]
+        assert torch.equal(joined.view_as(full), full), name
+        assert torch.equal(end[f"llm.{name}"], full), name  # exported == trained
+
+    # The LLM and connector_image trained; the frozen encoder did not.
+    assert not equal_prefix(start, "llm.", end)
+    assert not equal_prefix(start, "connector.image.", end)
+    assert equal_prefix(start, "encoder.", end)
+    connector = load_file(layout.finetune_connector("image"))
+    assert all(torch.equal(v, end[f"connector.image.{k}"]) for k, v in connector.items())
+    stage_dir = os.path.dirname(layout.finetune_llm("image"))
+    assert sorted(os.listdir(stage_dir)) == ["connectors", "llm"]  # nothing half-written left
+
+    # Stage 2 starts from stage 1's LLM and leaves stage 1's artifacts as they were.
+    before = {p: open(p, "rb").read() for p in [layout.finetune_connector("image")]}
+    torchrun(cfg, "finetune", "video", tmp_path / "video")
+    start2 = load_file(tmp_path / "video" / "start-full.safetensors")
+    assert all(torch.equal(start2[f"llm.{n}"], t) for n, t in exported.items())
+    assert "connector.image.0.weight" not in start2  # only connector_video is in the job
+    assert all(open(p, "rb").read() == b for p, b in before.items())
+    exported2 = hf_tensors(layout.finetune_llm("video"))
+    assert any(not torch.equal(exported2[n], exported[n]) for n in exported)
+
+
+def test_align_trains_only_the_connector(tiny_config, tmp_path):
+    cfg = small(tiny_config)
+    cfg["stages"]["align"]["enabled"] = True
+    layout = RunLayout.of(parse_config(cfg))
+    torchrun(cfg, "align", "image", tmp_path)
+    start = load_file(tmp_path / "start-full.safetensors")
+    end = load_file(tmp_path / "end-full.safetensors")
+    assert equal_prefix(start, "llm.", end)
+    assert equal_prefix(start, "encoder.", end)
+    assert not equal_prefix(start, "connector.image.", end)
+    saved = load_file(layout.align_connector("image"))
+    assert all(torch.equal(v, end[f"connector.image.{k}"]) for k, v in saved.items())
+    assert not os.path.exists(layout.finetune_llm("image"))
+
+
+def test_hung_rank_times_out_naming_stage_and_rank(tiny_config, tmp_path):
+    cfg = small(tiny_config)
+    cfg["cluster"]["timeout_s"] = 10
+    t0 = time.time()
+    proc = torchrun(cfg, "finetune", "image", tmp_path, env={"TEST_SLEEP_RANK": "1"},
+                    check=False)
+    assert proc.returncode != 0
+    assert "stage finetune/image: rank 0: a collective failed or timed out" in proc.stderr
+    assert time.time() - t0 < 120
+    assert not os.path.exists(RunLayout.of(parse_config(cfg)).finetune_llm("image"))
+
+
+def _train_worker_of(driver: int) -> int:
+    """A Ray Train worker process started by this driver (not by another Ray on the host)."""
+    def parent(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    for pid in map(int, subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"],
+                                       capture_output=True, text=True).stdout.split()):
+        p = pid
+        while p > 1:
+            p = parent(p)
+            if p == driver:
+                return pid
+    raise AssertionError("no Ray Train worker of this driver is running")
+
+
+def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
+    cfg = small(tiny_config, steps=30)
+    cfg["cluster"]["max_failures"] = 1
+    cfg_path = tmp_path / "config.yaml"
+    import yaml
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    layout = RunLayout.of(parse_config(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mera_ds", "stage", "finetune", "--config", str(cfg_path),
+         "--modality", "image", "--checkpoint-every", "10"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    # Ray writes this once it has registered a reported checkpoint (asynchronously).
+    snapshot = os.path.join(layout.train_state("image", "finetune"), "ray",
+                            "checkpoint_manager_snapshot.json")
+    output, killed = [], None
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        output.append(line)
+        # Once a checkpoint is registered, kill one of the two training workers mid-run.
+        if killed is None and " step " in line and "/30 loss" in line and os.path.exists(snapshot):
+            killed = _train_worker_of(proc.pid)
+            os.kill(killed, 9)
+        assert time.time() < deadline
+    text = "".join(output)
+    assert proc.wait() == 0, text[-4000:]
+    assert killed, "no worker was killed"
+    metrics, _ = json.JSONDecoder().raw_decode(text[text.rindex('{\n  "first_loss"'):])
+    # The restarted job continued from the checkpoint; it did not start over.
+    assert metrics["resumed_at"] in (10, 20)
+    assert f"resuming at step {metrics['resumed_at']} of 30" in text
+    assert metrics["steps"] == 30
+    assert os.path.exists(os.path.join(layout.finetune_llm("image"), "config.json"))
+    assert not os.path.exists(layout.train_state("image", "finetune"))
