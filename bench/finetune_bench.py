@@ -1,0 +1,237 @@
+"""Finetune-stage throughput: mera-ds's ZeRO-3 job against the recipe users would otherwise use,
+Hugging Face Trainer + DeepSpeed ZeRO-3 (LLaVA's), on the same LLaMA-shaped LLM and the same
+samples in the same order.
+
+One mode per launch (each is its own DeepSpeed job); bench/finetune_gpu.sh runs both and prints
+the ratio:
+
+    deepspeed --num_gpus 1 bench/finetune_bench.py --mode mera --out /tmp/ftb
+    deepspeed --num_gpus 1 bench/finetune_bench.py --mode hf   --out /tmp/ftb
+
+`--size tiny` with DS_ACCELERATOR=cpu checks the script on a CPU in a minute.
+
+Samples: a precomputed-feature modality (no encoder: the LLM step is what is measured) with
+instructions whose lengths follow a log-normal law around 600 tokens, cut at the sequence length,
+as instruction-tuning data does. Throughput counts real tokens (no padding); model FLOPs per token
+count the LLM's matrix products (6 N) and causal attention (6 L h s for a sample of s tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SIZES = {
+    # Llama-3.2-1B's shape with a 32k vocabulary: about 1.1B parameters.
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, vocab_size=32000),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=128, vocab_size=512),
+}
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, per GPU
+FEATURE_DIM, FEATURE_TOKENS = 256, 32
+
+
+def make_shards(out: str, n: int, seq_len: int, seed: int) -> str:
+    """Write the benchmark's samples once (rank 0); return their pattern."""
+    from mera_ds.data.writer import encode_sample, write_shards
+    from mera_ds.model import tiny
+
+    prefix = os.path.join(out, "shards", "train")
+    pattern_file = os.path.join(out, "shards", "pattern.txt")
+    if os.path.exists(pattern_file):
+        return open(pattern_file).read()
+    rng = np.random.default_rng(seed)
+    words = [w for w in tiny.TASK_WORDS + tiny.LETTERS]
+    budget = seq_len - FEATURE_TOKENS - 16  # template, placeholder block and answer
+
+    def samples():
+        for i in range(n):
+            length = int(np.clip(rng.lognormal(math.log(600), 0.6), 32, budget))
+            text = " ".join(rng.choice(words, size=length))
+            meta = {"modality": "feat", "instruction": text, "answer": str(rng.choice(words)),
+                    "label": 0}
+            feats = rng.standard_normal((FEATURE_TOKENS, FEATURE_DIM)).astype(np.float32)
+            yield encode_sample(f"feat-{i:06d}", meta, "features", feats)
+
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    pattern = write_shards(samples(), prefix, samples_per_shard=500)
+    with open(pattern_file, "w") as f:
+        f.write(pattern)
+    return pattern
+
+
+def run_config(args, pattern: str, mode: str):
+    from mera_ds.config import parse_config
+
+    gpu = args.size != "tiny"
+    return parse_config({
+        "run_dir": os.path.join(args.out, f"run-{mode}"),
+        "seed": 0,
+        "llm": {"tiny": {**SIZES[args.size], "max_position_embeddings": args.seq_len},
+                "dtype": "bfloat16" if gpu else "float32", "attn_implementation": args.attn,
+                "max_length": args.seq_len},
+        "modalities": [{"name": "feat",
+                        "encoder": {"type": "precomputed", "feature_dim": FEATURE_DIM,
+                                    "num_tokens": FEATURE_TOKENS},
+                        "connector": {"type": "mlp2x_gelu"},
+                        "train_shards": pattern, "eval_shards": pattern}],
+        "stages": {"finetune": {"steps": args.steps, "batch_size": args.micro_batch,
+                                "micro_batch_size": args.micro_batch, "warmup_steps": 2,
+                                "packing": mode == "mera" and not args.no_pack}},
+        "data": {"shuffle_buffer": 0},
+        "cluster": {"num_workers": 1, "use_gpu": gpu, "timeout_s": 600,
+                    "deepspeed_config": "ds_configs/zero3_bf16.json" if gpu
+                    else "ds_configs/zero3_cpu.json"},
+    }, "bench")
+
+
+def flops_per_token(cfg, pattern: str, n_samples: int, n_params: int) -> tuple[float, float]:
+    """(model FLOPs per real token, mean sample length) over the samples the runs consume."""
+    from mera_ds.data.shards import sample_stream
+    from mera_ds.model import tiny
+
+    tok = tiny.tiny_tokenizer()
+    shape = cfg.llm.tiny
+    lengths = []
+    for i, s in enumerate(sample_stream(pattern, resampled=True, seed=cfg.seed * 1_000_003)):
+        if i == n_samples:
+            break
+        text = f"user : {s['instruction']} assistant : {s['answer']}"
+        lengths.append(len(tok(text)["input_ids"]) + FEATURE_TOKENS + 1)
+    lengths = np.array(lengths, dtype=np.float64)
+    attn = 6 * shape["num_hidden_layers"] * shape["hidden_size"] * lengths
+    return float(((6 * n_params + attn) * lengths).sum() / lengths.sum()), float(lengths.mean())
+
+
+def bench_mera(cfg) -> dict:
+    """The finetune stage itself (run_job), without the export."""
+    from mera_ds.stages.finetune import finetune_spec
+    from mera_ds.stages.train import run_job
+
+    spec = dataclasses.replace(finetune_spec(cfg, "feat"), export_llm=None,
+                               export_connectors={}, tensorboard=None)
+    m = run_job(cfg, spec)
+    return {"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}
+
+
+def bench_hf(cfg) -> dict:
+    """HF Trainer + DeepSpeed ZeRO-3 on the same MLLM and the same sample stream, padded
+    batches (LLaVA's collator pads to the longest sample of the batch)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from mera_ds.data.shards import sample_stream
+    from mera_ds.model.llm import DTYPES, build_llm
+    from mera_ds.model.mllm import Collator, build_mllm, set_trainable
+    from mera_ds.stages.finetune import finetune_spec
+    from mera_ds.stages.train import deepspeed_config, init_distributed
+
+    init_distributed(cfg)
+    spec = finetune_spec(cfg, "feat")
+    ds = deepspeed_config(cfg, spec)
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841 - the LLM is created partitioned, as in LLaVA
+    llm, tok = build_llm(cfg.llm)
+    mllm = build_mllm(cfg, ["feat"], llm=llm, tokenizer=tok)
+    set_trainable(mllm, llm=True, connectors=["feat"])
+    mllm.to(dtype=DTYPES[cfg.llm.dtype])
+    collate = Collator(mllm, train=True)
+    ft = cfg.stages.finetune
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.tokens = 0
+
+        def forward(self, **batch):
+            self.tokens += int(batch["num_tokens"])
+            return self.inner(batch)
+
+    class Samples(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(sample_stream(ft_pattern, resampled=True, seed=cfg.seed * 1_000_003))
+
+    ft_pattern = cfg.modalities[0].train_shards
+    model = Wrapped(mllm)
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), model.tokens))
+
+    targs = TrainingArguments(
+        output_dir=os.path.join(cfg.run_dir, "hf"), per_device_train_batch_size=ft.micro_batch_size,
+        max_steps=ft.steps, learning_rate=ft.lr_llm, lr_scheduler_type="cosine",
+        warmup_steps=ft.warmup_steps, weight_decay=0.0, max_grad_norm=ft.grad_clip,
+        bf16=cfg.llm.dtype == "bfloat16", deepspeed=ds, logging_steps=max(1, ft.steps // 10),
+        save_strategy="no", report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=not cfg.cluster.use_gpu,
+        accelerator_config={"dispatch_batches": False})  # batches carry modality names
+    trainer = Trainer(model=model, args=targs, train_dataset=Samples(), data_collator=collate,
+                      callbacks=[Clock()])
+    out = trainer.train()
+    warm = max(1, len(marks) // 5)
+    (t0, n0), (t1, n1) = marks[warm - 1], marks[-1]
+    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "loss": float(out.training_loss)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["mera", "hf"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", choices=list(SIZES), default="1b")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--attn", default="sdpa", help="attention implementation of both runs")
+    p.add_argument("--no-pack", action="store_true", help="mera: pad like the peer")
+    p.add_argument("--tag", default="", help="suffix of the result file")
+    p.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
+    args = p.parse_args()
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if int(os.environ.get("RANK", "0")) == 0:
+        make_shards(args.out, args.samples, args.seq_len, seed=0)
+    pattern = open(os.path.join(args.out, "shards", "pattern.txt")).read()
+    cfg = run_config(args, pattern, args.mode)
+    result = bench_mera(cfg) if args.mode == "mera" else bench_hf(cfg)
+
+    from transformers import LlamaConfig
+
+    shape = LlamaConfig(**cfg.llm.tiny)
+    h, L, i, v = (shape.hidden_size, shape.num_hidden_layers, shape.intermediate_size,
+                  shape.vocab_size)
+    kv = h * shape.num_key_value_heads // shape.num_attention_heads
+    n_params = L * (2 * h * h + 2 * h * kv + 3 * h * i) + 2 * v * h
+    fpt, mean_len = flops_per_token(cfg, pattern, args.steps * args.micro_batch, n_params)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    result.update(mode=args.mode, device=name, attn=args.attn, packing=cfg.stages.finetune.packing, params=n_params, seq_len=args.seq_len,
+                  micro_batch=args.micro_batch, steps=args.steps, mean_sample_tokens=mean_len,
+                  model_flops_per_token=fpt,
+                  mfu=result["tokens_per_s"] * fpt / peak if peak else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(result))
+        with open(os.path.join(args.out, f"result-{args.mode}{args.tag}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
