@@ -85,7 +85,7 @@ class ModalityConfig(_Strict):
         scheme = v.split("://", 1)[0] if "://" in v else "file"
         if scheme not in ("file", "s3"):
             raise ValueError(f"unsupported URL scheme {scheme!r} in {v!r} (local path or s3://)")
-        return v
+        return absolute(v)
 
 
 class LLMConfig(_Strict):
@@ -186,7 +186,7 @@ class ClusterConfig(_Strict):
                 json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{v!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        return v
+        return os.path.abspath(path)
 
 
 class DataConfig(_Strict):
@@ -204,6 +204,11 @@ class RunConfig(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v: str) -> str:
+        return absolute(v)
 
     @field_validator("modalities")
     @classmethod
@@ -242,6 +247,12 @@ class RunConfig(_Strict):
         """Identifies what a run computes: a resumed run with another hash was changed."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def absolute(path: str) -> str:
+    """Local paths become absolute (from the working directory) when a config is read: Ray
+    workers and launcher ranks run elsewhere. URLs stay as they are."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def resolve_path(path: str) -> str:

@@ -45,8 +45,9 @@ def test_ray_tasks_give_the_inline_result(inputs, tmp_path, monkeypatch):
 
     models, reference = inputs
     monkeypatch.setenv("PYTHONPATH", REPO)  # Ray workers import mera_ds from the checkout
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    from mera_ds.dist.cluster import connect
+
+    connect(None, num_cpus=2)  # a local instance on loopback
     try:
         report = merge_on_ray(models[0], models[1:], str(tmp_path / "out"), CFG, groups=3)
         assert report.shards > 3 and report.tensors == len(reference)

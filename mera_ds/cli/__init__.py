@@ -10,7 +10,7 @@ import sys
 from mera_ds.errors import MeraError
 
 # Modules under mera_ds.cli, each adding its sub-commands; imported lazily so `mera --help` is fast.
-COMMANDS = ["config", "shards", "stage", "merge"]
+COMMANDS = ["config", "shards", "run", "stage", "merge"]
 
 
 def build_parser() -> argparse.ArgumentParser:

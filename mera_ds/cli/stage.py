@@ -1,5 +1,5 @@
 """`mera stage {align,finetune} --config C --modality M --run RUN`: one training stage, on Ray."""
-from mera_ds.config import load_config
+from mera_ds.config import absolute, load_config
 
 
 def register(sub):
@@ -19,7 +19,7 @@ def _run(args):
     from mera_ds.dist.train_job import run_stage
 
     cfg = load_config(args.config)
-    update = {"run_dir": args.run} if args.run else {}
+    update = {"run_dir": absolute(args.run)} if args.run else {}
     if args.ray_address:
         update["cluster"] = cfg.cluster.model_copy(update={"ray_address": args.ray_address})
     cfg = cfg.model_copy(update=update)

@@ -346,7 +346,7 @@ def launcher_main(make_spec) -> None:
     import json
     import sys
 
-    from mera_ds.config import load_config
+    from mera_ds.config import absolute, load_config
     from mera_ds.layout import RunLayout
 
     p = argparse.ArgumentParser()
@@ -359,7 +359,7 @@ def launcher_main(make_spec) -> None:
     try:
         cfg = load_config(args.config)
         if args.run:
-            cfg = cfg.model_copy(update={"run_dir": args.run})
+            cfg = cfg.model_copy(update={"run_dir": absolute(args.run)})
         spec = make_spec(cfg, args.modality)
         init_distributed(cfg)
         state = RunLayout.of(cfg).train_state(args.modality, spec.stage)
