@@ -59,7 +59,11 @@ def read_json(url: str) -> Any:
 
 def write_json(url: str, obj: Any) -> None:
     """Replace a small JSON file at once: a reader sees the old or the new one, never a part."""
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a file whole: locally under a temporary name, then renamed into place."""
     if is_remote(url):
         fs, path = url_to_fs(url)
         fs.pipe_file(path, data)  # one PUT: S3 objects appear whole

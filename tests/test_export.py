@@ -16,15 +16,18 @@ def test_export_memory_is_bounded_by_the_bucket(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "export_job.py"),
                            str(tmp_path), str(bucket)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT})
+                          # Large blocks from mmap go back to the system when freed, so RSS
+                          # measures live memory, not what glibc's heap keeps for reuse.
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
+                               "MALLOC_MMAP_THRESHOLD_": str(2**20)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["model_bytes"] > 150 * 2**20
-    # A gathered bucket and its CPU copy (a parameter larger than the bucket is gathered whole),
-    # plus allocator slack: never the model.
+    # A gathered bucket (a parameter larger than the bucket is gathered whole) and the CPU copy
+    # handed to the writer: never the model.
     unit = max(bucket, m["largest_param_bytes"])
-    assert m["extra_bytes"] < 2 * unit + 24 * 2**20, m
-    assert m["extra_bytes"] < m["model_bytes"] / 3, m
+    assert m["extra_bytes"] < 2 * unit + 8 * 2**20, m
+    assert m["extra_bytes"] < m["model_bytes"] / 4, m
 
     from transformers import AutoModelForCausalLM
 

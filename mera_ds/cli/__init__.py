@@ -13,6 +13,23 @@ from mera_ds.errors import MeraError
 COMMANDS = ["config", "shards", "run", "stage", "merge"]
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--run and --ray-address: where a run's artifacts go and which cluster runs it."""
+    p.add_argument("--run", help="run directory (default: the config's run_dir)")
+    p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS or a local instance)")
+
+
+def run_config(args):
+    """The run config of `args.config` with --run and --ray-address applied."""
+    from mera_ds.config import absolute, load_config
+
+    cfg = load_config(args.config)
+    update = {"run_dir": absolute(args.run)} if args.run else {}
+    if args.ray_address:
+        update["cluster"] = cfg.cluster.model_copy(update={"ray_address": args.ray_address})
+    return cfg.model_copy(update=update)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mera", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from mera_ds.errors import MeraError
-from mera_ds.storage import open_url
+from mera_ds.storage import open_url, write_bytes
 
 
 def build_connector(kind: str, in_dim: int, hidden_size: int) -> nn.Module:
@@ -25,9 +25,7 @@ def save_connector(module: nn.Module, url: str) -> None:
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    data = save(tensors, metadata={"format": "pt"})
-    with open_url(url, "wb") as f:
-        f.write(data)
+    write_bytes(url, save(tensors, metadata={"format": "pt"}))
 
 
 def load_connector(module: nn.Module, url: str) -> None:

@@ -1,7 +1,6 @@
 """Weights leave a ZeRO-3 job here: gathered one bucket at a time on global rank 0 and written as
-sharded safetensors in HF layout, so rank 0 never holds more than a bucket of the model (and its
-CPU copy). A parameter larger than the bucket is gathered whole: the bound is the larger of the
-two (tests/test_export.py measures it)."""
+sharded safetensors in HF layout, so rank 0 never holds more than a bucket of the model and its
+CPU copy. A parameter larger than the bucket is gathered whole. tests/test_export.py measures it."""
 from __future__ import annotations
 
 import logging
