@@ -1,0 +1,155 @@
+"""evaluate: every learned modality on (theta_i, realigned connectors) -> row i of the performance
+matrix P, and the Backward Relative Gain (BRG) over the rows.
+
+`evaluate` is a stage function (config, input artifacts) -> result dict; it writes nothing.
+`write_metrics` stores that result at RUN/stages/NN-<modality>/eval/metrics.json. Single process:
+greedy generation on one device; the tiny model on CPU takes seconds.
+
+Metrics are per task (ModalityConfig.task.metric names one in METRICS): a function of
+(predictions, answers) -> score in [0, 1].
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from mera_ds.config import RunConfig
+from mera_ds.data.shards import read_samples
+from mera_ds.errors import MeraError
+from mera_ds.layout import RunLayout
+from mera_ds.model.connectors import load_connector
+from mera_ds.model.llm import build_llm
+from mera_ds.model.mllm import Collator, build_mllm
+from mera_ds.storage import write_json
+
+log = logging.getLogger("mera_ds.evaluate")
+
+NUM_EXAMPLES = 3  # (key, prediction, answer) triples kept per modality for the report
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Share of predictions equal to their answer, ignoring case and whitespace runs."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"exact_match: {len(predictions)} predictions for {len(answers)} answers")
+    if not answers:
+        raise ValueError("exact_match: no samples")
+    hits = sum(_normalise(p) == _normalise(a) for p, a in zip(predictions, answers))
+    return hits / len(answers)
+
+
+METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
+    "exact_match": exact_match,
+}
+
+
+def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[str, str],
+             device: str = "cpu") -> dict:
+    """Score every modality learned up to stage `modality` with the LLM of `llm_dir` (theta_i)
+    and the connector files in `connectors` ({learned modality: file}, exactly the learned ones).
+
+    Returns {"stage": modality, "scores": {m: score}, "samples": {m: n},
+    "examples": {m: [[key, prediction, answer], ...first 3]}}."""
+    layout = RunLayout.of(cfg)
+    if modality not in layout.order:
+        raise MeraError(f"evaluate: modality {modality!r} is not in the config "
+                        f"({', '.join(layout.order)})")
+    learned = list(layout.learned(modality))
+    if set(connectors) != set(learned):
+        raise MeraError(f"evaluate {modality}: connectors given for {sorted(connectors)}, the "
+                        f"stage has learned {learned}")
+    llm, tokenizer = build_llm(cfg.llm, path=llm_dir)
+    mllm = build_mllm(cfg, learned, llm=llm, tokenizer=tokenizer)
+    for name in learned:
+        load_connector(mllm.connectors[name], connectors[name])
+    mllm.to(device).eval()
+    collate = Collator(mllm, train=False)
+    settings = cfg.stages.eval
+
+    result = {"stage": modality, "scores": {}, "samples": {}, "examples": {}}
+    for name in learned:
+        m = cfg.modality(name)
+        metric = METRICS.get(m.task.metric)
+        if metric is None:
+            raise MeraError(f"modalities.{name}.task.metric: {m.task.metric!r} is not one of "
+                            f"{', '.join(METRICS)}")
+        start = time.perf_counter()
+        predictions, answers, keys = [], [], []
+        batch_samples: list[dict] = []
+        samples = read_samples(m.eval_shards, limit=settings.max_samples)
+        for sample in samples:
+            batch_samples.append(sample)
+            if len(batch_samples) == settings.batch_size:
+                _generate(mllm, collate, batch_samples, m.task.max_new_tokens,
+                          predictions, answers, keys)
+                batch_samples = []
+                log.info("eval %s/%s: %d samples", modality, name, len(answers))
+        if batch_samples:
+            _generate(mllm, collate, batch_samples, m.task.max_new_tokens,
+                      predictions, answers, keys)
+        if not answers:
+            raise MeraError(f"{m.eval_shards}: no eval samples for modality {name}")
+        score = metric(predictions, answers)
+        result["scores"][name] = score
+        result["samples"][name] = len(answers)
+        result["examples"][name] = [list(t) for t in
+                                    zip(keys, predictions, answers)][:NUM_EXAMPLES]
+        log.info("eval %s/%s: %s = %.4f on %d samples (%.1f s)", modality, name, m.task.metric,
+                 score, len(answers), time.perf_counter() - start)
+    return result
+
+
+def _generate(mllm, collate, samples, max_new_tokens, predictions, answers, keys) -> None:
+    batch = collate(samples)
+    with torch.inference_mode():
+        predictions.extend(mllm.generate(batch, max_new_tokens=max_new_tokens))
+    answers.extend(batch["answers"])
+    keys.extend(batch["keys"])
+
+
+def write_metrics(url: str, result: dict) -> None:
+    """Store an `evaluate` result (atomically) at `url`, normally RunLayout.eval_metrics(stage)."""
+    write_json(url, result)
+
+
+def performance_matrix(rows: list[dict]) -> tuple[list[str], list[list[float | None]]]:
+    """(order, P) from the `evaluate` results of stages 1..T in stage order: order[k] is the
+    modality of stage k+1, P[k][i] the score of modality order[i] after that stage (None where
+    it was not learned yet)."""
+    order = [row["stage"] for row in rows]
+    if len(set(order)) != len(order):
+        raise MeraError(f"performance matrix: a stage appears twice in {order}")
+    P = []
+    for k, row in enumerate(rows):
+        missing = [m for m in order[:k + 1] if m not in row["scores"]]
+        if missing:
+            raise MeraError(f"eval of stage {row['stage']}: no score for learned modality "
+                            f"{missing[0]}")
+        P.append([row["scores"][m] if i <= k else None for i, m in enumerate(order)])
+    return order, P
+
+
+def backward_relative_gain(P: list[list[float | None]], order: Sequence[str]) -> float | None:
+    """BRG after the last stage T (PAPER.md): mean over i < T of P[T][i] / P[i][i] * 100.
+
+    None with a single stage (nothing learned before). A modality with P[i][i] == 0 (it never
+    learned its task, so no gain relative to it is defined) is left out of the mean with a
+    warning; if that leaves none, the BRG is None."""
+    if len(P) != len(order) or any(len(row) != len(order) for row in P):
+        raise MeraError(f"performance matrix: expected {len(order)} x {len(order)}")
+    T = len(order) - 1
+    if T < 1:
+        return None
+    ratios = []
+    for i in range(T):
+        if P[i][i] == 0:
+            log.warning("BRG: %s scored 0 after its own stage; left out of the mean", order[i])
+            continue
+        ratios.append(P[T][i] / P[i][i] * 100)
+    return sum(ratios) / len(ratios) if ratios else None
