@@ -144,6 +144,8 @@ def snapshot(module):
 
 def params_of(mllm, part):
     """(name, param) of one part: "llm", "encoders.<m>" or "connectors.<m>"."""
+    if part.startswith("encoders."):  # frozen encoders live outside the module tree
+        return list(mllm.encoders[part.split(".", 1)[1]].named_parameters())
     return [(n, p) for n, p in mllm.named_parameters() if n.startswith(part + ".")]
 
 

@@ -28,10 +28,20 @@ class MLLM(nn.Module):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
-        self.encoders = nn.ModuleDict(encoders)
+        # Frozen encoders are kept out of the module tree: DeepSpeed neither partitions them
+        # (ZeRO-3 would gather them every step, and ranks whose batch lacks a modality would
+        # not join that gather and hang) nor gives them optimizer state. They are replicated
+        # on every rank and still follow .to() / .cuda() (see _apply).
+        self.__dict__["encoders"] = dict(encoders)
         self.connectors = nn.ModuleDict(connectors)
         self.max_length = max_length
         self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for encoder in self.encoders.values():
+            encoder._apply(fn, recurse)
+        return self
 
     @property
     def modalities(self) -> list[str]:
@@ -44,12 +54,18 @@ class MLLM(nn.Module):
         ids = batch["input_ids"].to(embed_tokens.weight.device)
         embeds = embed_tokens(ids)
         features = {}
-        for modality, x in batch["inputs"].items():
-            connector = self.connectors[modality]
-            if x.is_floating_point():  # inputs come as fp32; the model may run in bf16
-                x = x.to(dtype=embeds.dtype)
-            feats = self.encoders[modality](x.to(ids.device))
+        # Every connector runs on every step, on no samples where the batch has none of its
+        # modality: under ZeRO-3 all ranks then take part in the same gathers and gradient
+        # reductions whatever their batches hold.
+        for modality, connector in self.connectors.items():
+            encoder, x = self.encoders[modality], batch["inputs"].get(modality)
             dtype = next(connector.parameters()).dtype
+            if x is None:
+                feats = embeds.new_zeros((0, encoder.num_tokens, encoder.out_dim), dtype=dtype)
+            else:
+                if x.is_floating_point():  # inputs come as fp32; the model may run in bf16
+                    x = x.to(dtype=embeds.dtype)
+                feats = encoder(x.to(ids.device))
             features[modality] = connector(feats.to(dtype)).to(embeds.dtype)
         # Rows in batch order; within a modality the collator stacked inputs in that order too.
         seen = dict.fromkeys(features, 0)
@@ -60,7 +76,10 @@ class MLLM(nn.Module):
         # The collator put exactly num_tokens placeholders in each row (and none elsewhere), so
         # the placeholder positions, in row-major order, match the concatenated rows one to one.
         mask = (ids == self.placeholder_id).unsqueeze(-1)
-        return embeds.masked_scatter(mask, torch.cat(rows))
+        embeds = embeds.masked_scatter(mask, torch.cat(rows))
+        # Keep every connector in the graph, with zero weight, so its backward (ZeRO-3's
+        # re-gather and gradient reduction) also runs on ranks without its modality.
+        return embeds + sum(f.sum() for f in features.values()) * 0
 
     def forward(self, batch: dict):
         """The LLM output for a training batch; `.loss` is the mean over answer tokens."""
