@@ -30,7 +30,7 @@ $(SHARDS)/.done: $(VENV)/.installed
 shards: $(SHARDS)/.done
 
 demo: setup shards
-	$(VENV)/bin/mera run $(CONFIG)
+	$(VENV)/bin/mera run $(CONFIG) --resume
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests

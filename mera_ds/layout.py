@@ -52,6 +52,13 @@ class RunLayout:
         return join(self.stage_dir(modality), "realign", "connectors",
                     f"{connector_of}.safetensors")
 
+    def connector_before_realign(self, modality: str, connector_of: str) -> str:
+        """Where stage `modality`'s realign starts connector `connector_of` from: the newest
+        modality's finetuned connector, the others' as the previous stage's realign left them."""
+        if connector_of == modality:
+            return self.finetune_connector(modality)
+        return self.realign_connector(self.previous(modality), connector_of)
+
     def eval_metrics(self, modality: str) -> str:
         return join(self.stage_dir(modality), "eval", "metrics.json")
 

@@ -13,9 +13,10 @@ from mera_ds.config import parse_config
 from mera_ds.stages.align import align_spec
 from mera_ds.stages.export import gathered
 from mera_ds.stages.finetune import finetune_spec
+from mera_ds.stages.realign import realign_spec
 from mera_ds.stages.train import run_job
 
-SPECS = {"align": align_spec, "finetune": finetune_spec}
+SPECS = {"align": align_spec, "finetune": finetune_spec, "realign": realign_spec}
 
 
 def main():

@@ -34,6 +34,7 @@ def torchrun(cfg: dict, stage: str, modality: str, out, env=None, check=True):
 
 def small(cfg, steps=24):
     cfg["stages"]["finetune"].update(steps=steps, warmup_steps=2)
+    cfg["stages"]["realign"].update(steps=6)
     cfg["stages"]["align"].update(steps=6, batch_size=16, micro_batch_size=8)
     return cfg
 
@@ -81,6 +82,23 @@ def test_finetune_two_stages_zero3(tiny_config, tmp_path):
     assert all(torch.equal(v, end[f"connector.image.{k}"]) for k, v in connector.items())
     stage_dir = os.path.dirname(layout.finetune_llm("image"))
     assert sorted(os.listdir(stage_dir)) == ["connectors", "llm"]  # nothing half-written left
+
+    # Realign on a 10% replay: only the connector trains; the LLM's files stay byte-identical.
+    from mera_ds.data.replay import sample_replay
+
+    sample_replay(cfg["modalities"][0]["train_shards"], layout.replay_dir("image"), 0.1, seed=0)
+    llm_files = {n: open(os.path.join(layout.finetune_llm("image"), n), "rb").read()
+                 for n in os.listdir(layout.finetune_llm("image"))}
+    torchrun(cfg, "realign", "image", tmp_path / "realign")
+    start_r = load_file(tmp_path / "realign" / "start-full.safetensors")
+    end_r = load_file(tmp_path / "realign" / "end-full.safetensors")
+    assert equal_prefix(start_r, "llm.", end_r) and equal_prefix(start_r, "encoder.", end_r)
+    assert not equal_prefix(start_r, "connector.image.", end_r)
+    assert all(torch.equal(v, start_r[f"connector.image.{k}"]) for k, v in connector.items())
+    realigned = load_file(layout.realign_connector("image", "image"))
+    assert all(torch.equal(v, end_r[f"connector.image.{k}"]) for k, v in realigned.items())
+    assert llm_files == {n: open(os.path.join(layout.finetune_llm("image"), n), "rb").read()
+                         for n in os.listdir(layout.finetune_llm("image"))}
 
     # Stage 2 starts from stage 1's LLM and leaves stage 1's artifacts as they were.
     before = {p: open(p, "rb").read() for p in [layout.finetune_connector("image")]}

@@ -19,6 +19,7 @@ log = logging.getLogger("mera_ds.dist")
 SPECS = {
     "align": "mera_ds.stages.align:align_spec",
     "finetune": "mera_ds.stages.finetune:finetune_spec",
+    "realign": "mera_ds.stages.realign:realign_spec",
 }
 
 

@@ -35,12 +35,13 @@ class JobSpec:
     learned: list[str]                          # modalities whose connectors the model holds
     train_llm: bool
     train_connectors: list[str]
-    data: list[str]                             # shard patterns; several are mixed uniformly
+    data: list[str]                             # shard patterns; several are mixed
     settings: _Training
     lr_llm: float
     lr_connector: float
     init_llm: Optional[str]                     # LLM directory; None: the config's llm
     init_connectors: dict[str, str] = field(default_factory=dict)
+    data_weights: Optional[list[float]] = None  # mixing weights of `data` (default uniform)
     export_llm: Optional[str] = None            # HF directory to write the trained LLM to
     export_connectors: dict[str, str] = field(default_factory=dict)
     tensorboard: Optional[str] = None
@@ -222,6 +223,8 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
 
 
 def _run(cfg: RunConfig, spec: JobSpec, checkpointer, checkpoint_every, observe) -> dict:
+    import warnings
+
     import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -232,6 +235,8 @@ def _run(cfg: RunConfig, spec: JobSpec, checkpointer, checkpoint_every, observe)
     from mera_ds.stages.export import export_connectors, export_llm
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    # DeepSpeed calls torch's renamed collectives on every step: one warning per call otherwise.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     device = device_for(cfg)
     torch.manual_seed(cfg.seed)
     ds_config = deepspeed_config(cfg, spec)
@@ -272,7 +277,7 @@ def _run(cfg: RunConfig, spec: JobSpec, checkpointer, checkpoint_every, observe)
                   seed=cfg.seed * 1_000_003 + start, num_workers=cfg.data.loader_workers,
                   on_corrupt=cfg.data.on_corrupt, shuffle_buffer=cfg.data.shuffle_buffer)
     loader = (make_loader(spec.data[0], **common) if len(spec.data) == 1
-              else make_mixed_loader(spec.data, **common))
+              else make_mixed_loader(spec.data, spec.data_weights, **common))
 
     board = _Board(spec.tensorboard)
     engine.train()

@@ -1,0 +1,47 @@
+"""realign: the LLM (merged theta_i) and the encoders frozen, the connectors of modalities 1..i
+trained on the mix of their replay shards, so they feed the merged LLM what it now expects.
+
+The LLM gets no gradients and no optimizer state: only connector parameters reach the optimizer.
+It still runs under ZeRO-3 (partitioned, gathered per layer); a frozen data-parallel copy is
+faster when the LLM fits one device, and is not built yet (stages.realign.mode).
+"""
+from __future__ import annotations
+
+from mera_ds.config import RunConfig
+from mera_ds.errors import MeraError
+from mera_ds.layout import RunLayout
+from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
+from mera_ds.storage import join, read_json
+
+
+def replay_pattern(layout: RunLayout, modality: str) -> tuple[str, int]:
+    """(pattern, samples) of a modality's replay shards, from the replay.json written with them."""
+    info = read_json(join(layout.replay_dir(modality), "replay.json"))
+    return info["pattern"], info["samples"]
+
+
+def realign_spec(cfg: RunConfig, modality: str) -> JobSpec:
+    layout = RunLayout.of(cfg)
+    ra = cfg.stages.realign
+    if ra.mode != "zero3":
+        raise MeraError(f"stages.realign.mode: {ra.mode!r} is not built yet; use 'zero3'")
+    learned = list(layout.learned(modality))
+    replays = [replay_pattern(layout, m) for m in learned]
+    return JobSpec(
+        stage="realign", modality=modality, learned=learned,
+        train_llm=False, train_connectors=learned,
+        # The mix is the union of the replay sets: modalities weigh by their replay sizes.
+        data=[p for p, _ in replays], data_weights=[float(n) for _, n in replays],
+        settings=ra, lr_llm=0.0, lr_connector=ra.lr,
+        init_llm=layout.stage_llm(modality),
+        init_connectors={m: layout.connector_before_realign(modality, m) for m in learned},
+        export_connectors={m: layout.realign_connector(modality, m) for m in learned},
+        tensorboard=layout.tensorboard(modality, "realign"))
+
+
+def realign(cfg: RunConfig, modality: str, checkpointer: Checkpointer | None = None) -> dict:
+    return run_job(cfg, realign_spec(cfg, modality), checkpointer)
+
+
+if __name__ == "__main__":
+    launcher_main(realign_spec)
