@@ -10,7 +10,7 @@ import sys
 from mera_ds.errors import MeraError
 
 # Modules under mera_ds.cli, each adding its sub-commands; imported lazily so `mera --help` is fast.
-COMMANDS = ["config", "shards", "run", "stage", "merge"]
+COMMANDS = ["config", "shards", "run", "stage", "merge", "report"]
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,301 @@
+"""The report of a run: the performance matrix P, per-stage averages, the Backward Relative Gain
+and the loss curves, read back from what the stages left under RUN (local or s3://).
+
+`build_report` only reads: the stage order from RUN/stages/NN-<modality>/, the scores from each
+stage's eval/metrics.json, the losses from the TensorBoard logs under RUN/tensorboard/. A stage
+without metrics.json (a run still going, or one that stopped) is listed as not evaluated; P and
+BRG are over the evaluated stages. `write_report` renders RUN/report/: report.md, report.json,
+performance_matrix.png and loss_curves.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from mera_ds.errors import MeraError
+from mera_ds.storage import is_remote, join, read_json, url_to_fs, write_bytes
+
+# NN-<modality>; committed_dir's temporaries start with "." and don't match.
+STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
+BOARD_DIR = re.compile(r"^(\d+)-(.+)-([a-z_]+)$")  # NN-<modality>-<stage>
+JOB_ORDER = {"align": 0, "finetune": 1, "realign": 2}  # the order a stage runs its jobs in
+BRG_FORMULA = "BRG = mean over i < T of P[T][i] / P[i][i] * 100"
+
+
+def build_report(run_dir: str) -> dict:
+    """The numbers of a run's report (what report.json holds):
+
+    {"run_dir", "stages": [{"stage": "01-image", "modality", "evaluated": bool}, ...],
+     "order": [modality of each evaluated stage], "P": [[score or None]], "averages": [mean of
+     each P row's learned scores], "brg": float or None, "brg_terms": [[modality, P[T][i],
+     P[i][i]]], "samples"/"examples": {modality: ...} of the last evaluated stage,
+     "losses": {"01-image-finetune": [[step, loss], ...]}}"""
+    from mera_ds.stages.evaluate import backward_relative_gain, performance_matrix
+
+    run_dir = run_dir.rstrip("/")
+    fs, root = url_to_fs(run_dir)
+    if not fs.isdir(root):
+        raise MeraError(f"{run_dir}: no such run directory")
+    stages = _stage_dirs(fs, root)
+    if not stages:
+        raise MeraError(f"{run_dir}: no stages (no {join(run_dir, 'stages', 'NN-<modality>')})")
+
+    rows, listed = [], []
+    for name, modality in stages:
+        url = join(run_dir, "stages", name, "eval", "metrics.json")
+        evaluated = fs.exists(join(root, "stages", name, "eval", "metrics.json"))
+        listed.append({"stage": name, "modality": modality, "evaluated": evaluated})
+        if not evaluated:
+            continue
+        row = read_json(url)
+        if not isinstance(row, dict) or not isinstance(row.get("scores"), dict):
+            raise MeraError(f"{url}: no 'scores' object")
+        if row.get("stage") != modality:
+            raise MeraError(f"{url}: stage {row.get('stage')!r}, its directory says {modality!r}")
+        rows.append(row)
+
+    order, P = performance_matrix(rows) if rows else ([], [])
+    averages = [_mean([v for v in row if v is not None]) for row in P]
+    brg = backward_relative_gain(P, order) if P else None
+    T = len(order) - 1
+    last = rows[-1] if rows else {}
+    return {
+        "run_dir": run_dir,
+        "stages": listed,
+        "order": order,
+        "P": P,
+        "averages": averages,
+        "brg": brg,
+        "brg_formula": BRG_FORMULA,
+        "brg_terms": [[order[i], P[T][i], P[i][i]] for i in range(T) if P[i][i] != 0],
+        "samples": last.get("samples", {}),
+        "examples": last.get("examples", {}),
+        "losses": _losses(fs, join(root, "tensorboard")),
+    }
+
+
+def write_report(run_dir: str, report: dict | None = None) -> str:
+    """Write the report (`build_report(run_dir)` unless given) to RUN/report/; returns the URL of
+    report.md.
+
+    Rendered in a local temporary directory, then each file written whole (atomically on a local
+    disk, one PUT on S3), so a reader never sees half a file."""
+    report = report or build_report(run_dir)
+    out = join(report["run_dir"], "report")
+    tmp = tempfile.mkdtemp(prefix="mera-report-")
+    try:
+        files = {"report.json": json.dumps(report, indent=2).encode(),
+                 "report.md": format_markdown(report).encode()}
+        _plot_matrix(report, os.path.join(tmp, "performance_matrix.png"))
+        _plot_losses(report, os.path.join(tmp, "loss_curves.png"))
+        for name in ("performance_matrix.png", "loss_curves.png"):
+            with open(os.path.join(tmp, name), "rb") as f:
+                files[name] = f.read()
+        for name, data in files.items():
+            write_bytes(join(out, name), data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return join(out, "report.md")
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+def format_matrix(order: list[str], P: list[list[float | None]]) -> str:
+    """P as a plain text table: a row per stage (after it), a column per modality."""
+    width = max([9, *(len(m) + 2 for m in order)])
+    lines = ["performance matrix P (row: after stage, column: modality)",
+             f"{'':<10}" + "".join(f"{m:>{width}}" for m in order)]
+    for k, row in enumerate(P):
+        cells = "".join(f"{'':>{width}}" if v is None else f"{v:{width}.3f}" for v in row)
+        lines.append(f"{order[k]:<10}{cells}")
+    return "\n".join(lines)
+
+
+def format_text(report: dict) -> str:
+    """What `mera report` prints: P, the per-stage averages, BRG, and stages not evaluated."""
+    order = report["order"]
+    parts = [format_matrix(order, report["P"]) if order else "no stage evaluated yet"]
+    if order:
+        parts.append("average over learned modalities after each stage\n" + "\n".join(
+            f"{k + 1:>2} {m:<10}{avg:9.3f}" for k, (m, avg) in
+            enumerate(zip(order, report["averages"]))))
+    parts.append(_brg_line(report))
+    missing = [s["stage"] for s in report["stages"] if not s["evaluated"]]
+    if missing:
+        parts.append("not evaluated (no eval/metrics.json): " + ", ".join(missing))
+    return "\n\n".join(parts)
+
+
+def _brg_line(report: dict) -> str:
+    n = len(report["order"])
+    value = "n/a" if report["brg"] is None else f"{report['brg']:.2f}%"
+    return f"BRG after {n} evaluated stage{'s' if n != 1 else ''}: {value}"
+
+
+def format_markdown(report: dict) -> str:
+    order, P = report["order"], report["P"]
+    md = [f"# MERA run report: `{report['run_dir']}`", ""]
+    md += ["## Stages", "", "| stage | modality | evaluated |", "|---|---|---|"]
+    md += [f"| {s['stage']} | {s['modality']} | {'yes' if s['evaluated'] else 'not evaluated'} |"
+           for s in report["stages"]]
+    md += ["", "## Performance matrix P", ""]
+    if not order:
+        md += ["No stage has been evaluated yet.", ""]
+    else:
+        md += ["Row: after stage k; column: modality; cell: its score (the task's metric). "
+               "The last column is the mean over the modalities learned so far.", "",
+               "| after stage | " + " | ".join(order) + " | average |",
+               "|---|" + "---:|" * (len(order) + 1)]
+        for k, (row, avg) in enumerate(zip(P, report["averages"])):
+            cells = " | ".join("" if v is None else f"{v:.3f}" for v in row)
+            md.append(f"| {k + 1}: {order[k]} | {cells} | {avg:.3f} |")
+        md += ["", "![performance matrix](performance_matrix.png)", ""]
+    md += ["## Backward Relative Gain", "", f"`{BRG_FORMULA}`, with T the last evaluated stage.",
+           ""]
+    if report["brg_terms"]:
+        terms = ", ".join(f"{m}: {last:.3f} / {own:.3f}" for m, last, own in report["brg_terms"])
+        md.append(f"Terms P[T][i] / P[i][i]: {terms}.")
+        md.append("")
+    md += [f"**{_brg_line(report)}**", ""]
+    if report["examples"]:
+        md += [f"## Examples after stage {len(order)} ({order[-1]})", "",
+               "| modality | samples | key | prediction | answer | correct |",
+               "|---|---:|---|---|---|---|"]
+        for m, triples in report["examples"].items():
+            n = report["samples"].get(m, "")
+            for key, prediction, answer in triples:
+                ok = " ".join(prediction.lower().split()) == " ".join(answer.lower().split())
+                md.append(f"| {m} | {n} | {key} | {_cell(prediction)} | {_cell(answer)} | "
+                          f"{'yes' if ok else 'no'} |")
+        md.append("")
+    md += ["## Loss curves", ""]
+    md += (["![loss curves](loss_curves.png)", ""] if report["losses"]
+           else ["No TensorBoard loss logs found.", ""])
+    return "\n".join(md)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def _stage_dirs(fs, root: str) -> list[tuple[str, str]]:
+    """[(NN-<modality>, modality)] in stage order."""
+    base = join(root, "stages")
+    if not fs.isdir(base):
+        return []
+    found = []
+    for path in fs.ls(base, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        match = STAGE_DIR.match(name)
+        if match and fs.isdir(path):
+            found.append((int(match.group(1)), name, match.group(2)))
+    return [(name, modality) for _, name, modality in sorted(found)]
+
+
+def _losses(fs, board: str) -> dict[str, list[list[float]]]:
+    """{job directory: [[step, loss], ...]} from every TensorBoard event file under `board`, jobs
+    in run order. A resumed job has several event files; a step logged twice keeps the latest."""
+    if not fs.isdir(board):
+        return {}
+    files: dict[str, list[str]] = {}
+    for path in fs.find(board):
+        rel = path[len(board.rstrip("/")) + 1:]
+        job = rel.split("/", 1)[0]
+        if "tfevents" in rel.rsplit("/", 1)[-1] and BOARD_DIR.match(job):
+            files.setdefault(job, []).append(path)
+
+    def run_order(job: str):
+        nn, _, stage = BOARD_DIR.match(job).groups()
+        return int(nn), JOB_ORDER.get(stage, len(JOB_ORDER)), job
+
+    remote = is_remote(fs.unstrip_protocol(board))
+    curves = {}
+    with tempfile.TemporaryDirectory(prefix="mera-tb-") as tmp:
+        for job in sorted(files, key=run_order):
+            points: dict[int, tuple[float, float]] = {}  # step -> (wall time, loss)
+            for i, path in enumerate(sorted(files[job])):
+                local = path
+                if remote:
+                    local = os.path.join(tmp, f"{job}-{i}.tfevents")
+                    fs.get(path, local)
+                for event in _scalars(local, "loss"):
+                    if event.step not in points or event.wall_time >= points[event.step][0]:
+                        points[event.step] = (event.wall_time, event.value)
+            if points:
+                curves[job] = [[step, points[step][1]] for step in sorted(points)]
+    return curves
+
+
+def _scalars(path: str, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def _plot_matrix(report: dict, path: str) -> None:
+    import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
+
+    order, P = report["order"], report["P"]
+    n = max(len(order), 1)
+    fig = Figure(figsize=(1.4 * n + 2.6, 1.0 * n + 1.8), dpi=120)
+    ax = fig.add_subplot()
+    if not order:
+        ax.text(0.5, 0.5, "no stage evaluated yet", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        data = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row]
+                                              for row in P], dtype=float))
+        top = max(1.0, float(data.max()))  # scores are in [0, 1] for the built-in metric
+        image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=top)
+        for k, row in enumerate(P):
+            for i, v in enumerate(row):
+                if v is not None:
+                    ax.text(i, k, f"{v:.3f}", ha="center", va="center", fontsize=11,
+                            color="black" if v > 0.6 * top else "white")
+        ax.set_xticks(range(len(order)), order)
+        ax.set_yticks(range(len(order)), [f"{k + 1}: {m}" for k, m in enumerate(order)])
+        ax.set_xlabel("modality")
+        ax.set_ylabel("after stage")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(f"performance matrix P\n{_brg_line(report)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_losses(report: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    offset = 0
+    for job, points in report["losses"].items():
+        # Jobs one after another on a common axis, so the curve reads as the run's timeline.
+        steps = [offset + s for s, _ in points]
+        ax.plot(steps, [v for _, v in points], label=job, linewidth=1.2)
+        ax.axvline(offset, color="0.85", linewidth=0.8, zorder=0)
+        offset = steps[-1] + 1
+    if report["losses"]:
+        ax.set_xlabel("step (jobs in run order)")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8, loc="upper right", ncol=2 if len(report["losses"]) > 6 else 1)
+        ax.grid(alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no TensorBoard loss logs", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title("training loss per stage job")
+    fig.tight_layout()
+    fig.savefig(path)
