@@ -87,7 +87,7 @@ def run_config(args, pattern: str, mode: str):
                         "train_shards": pattern, "eval_shards": pattern}],
         "stages": {"finetune": {"steps": args.steps, "batch_size": args.micro_batch,
                                 "micro_batch_size": args.micro_batch, "warmup_steps": 2,
-                                "packing": mode == "mera" and not args.no_pack}},
+                                "packing": mode != "hf" and not args.no_pack}},
         "data": {"shuffle_buffer": 0},
         "cluster": {"num_workers": 1, "use_gpu": gpu, "timeout_s": 600,
                     "deepspeed_config": "ds_configs/zero3_bf16.json" if gpu
@@ -113,13 +113,18 @@ def flops_per_token(cfg, pattern: str, n_samples: int, n_params: int) -> tuple[f
     return float(((6 * n_params + attn) * lengths).sum() / lengths.sum()), float(lengths.mean())
 
 
-def bench_mera(cfg) -> dict:
-    """The finetune stage itself (run_job), without the export."""
+def bench_mera(cfg, realign: bool = False) -> dict:
+    """The finetune stage itself (run_job), without the export; with `realign`, the same job
+    as the realign stage runs it: LLM frozen (no gradients, no optimizer state), connector
+    trained, same model and batches."""
     from mera_ds.stages.finetune import finetune_spec
     from mera_ds.stages.train import run_job
 
     spec = dataclasses.replace(finetune_spec(cfg, "feat"), export_llm=None,
                                export_connectors={}, tensorboard=None)
+    if realign:
+        spec = dataclasses.replace(spec, stage="realign", train_llm=False,
+                                   lr_connector=cfg.stages.realign.lr)
     m = run_job(cfg, spec)
     return {"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}
 
@@ -190,7 +195,7 @@ def bench_hf(cfg) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["mera", "hf"], required=True)
+    p.add_argument("--mode", choices=["mera", "hf", "realign"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--size", choices=list(SIZES), default="1b")
     p.add_argument("--steps", type=int, default=40)
@@ -211,7 +216,7 @@ def main() -> None:
         make_shards(args.out, args.samples, args.seq_len, seed=0)
     pattern = open(os.path.join(args.out, "shards", "pattern.txt")).read()
     cfg = run_config(args, pattern, args.mode)
-    result = bench_mera(cfg) if args.mode == "mera" else bench_hf(cfg)
+    result = (bench_hf(cfg) if args.mode == "hf" else bench_mera(cfg, args.mode == "realign"))
 
     from transformers import LlamaConfig
 
