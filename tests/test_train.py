@@ -188,3 +188,22 @@ def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
     assert metrics["steps"] == 30
     assert os.path.exists(os.path.join(layout.finetune_llm("image"), "config.json"))
     assert not os.path.exists(layout.train_state("image", "finetune"))
+
+
+def test_deepspeed_launcher_runs_the_stage_module(tiny_config, tmp_path):
+    """The third way to run a stage: `deepspeed --module mera_ds.stages.finetune` (2 ranks)."""
+    cfg = small(tiny_config, steps=4)
+    path = tmp_path / "config.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         "--module", "mera_ds.stages.finetune", "--config", str(path), "--modality", "image"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    layout = RunLayout.of(parse_config(cfg))
+    assert hf_tensors(layout.finetune_llm("image"))
+    assert os.path.exists(layout.finetune_connector("image"))
+    assert not os.path.exists(layout.train_state("image", "finetune"))  # resume state cleared
