@@ -14,7 +14,7 @@ setup(
         "deepspeed>=0.15",
         "transformers>=5.0",
         "accelerate>=0.34",
-        "ray[train]>=2.30",
+        "ray[default,train]>=2.30",  # default: the job server behind `ray job submit`
         "webdataset>=0.2.90",
         "fsspec>=2024.6",
         "safetensors>=0.4",

@@ -19,7 +19,12 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        # A driver started by `ray job submit`: the job's runtime_env (launch/submit.py) already
+        # reaches the workers, and Ray refuses a second one.
+        log.info("connecting to the Ray cluster of this job")
+        ray.init(log_to_driver=True)
+        return
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env={"env_vars": env} if env else None,
