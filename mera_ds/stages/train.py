@@ -259,7 +259,7 @@ def _run(cfg: RunConfig, spec: JobSpec, checkpointer, checkpoint_every, observe)
     mllm.to(device=device, dtype=DTYPES[cfg.llm.dtype])
 
     groups = param_groups(mllm, lr_llm=spec.lr_llm, lr_connector=spec.lr_connector,
-                              weight_decay=s.weight_decay)
+                          weight_decay=s.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
