@@ -48,6 +48,12 @@ class RunLayout:
         """theta_i: the LLM a stage ends with (stage 1 has no merge: its LLM is the finetuned)."""
         return self.finetune_llm(modality) if self.index(modality) == 1 else self.merge_llm(modality)
 
+    def llm_before(self, modality: str, base: str | None) -> str | None:
+        """The LLM a stage's training starts from: theta_{i-1}, or `base` (the configured LLM)
+        for the first modality."""
+        prev = self.previous(modality)
+        return self.stage_llm(prev) if prev else base
+
     def realign_connector(self, modality: str, connector_of: str) -> str:
         return join(self.stage_dir(modality), "realign", "connectors",
                     f"{connector_of}.safetensors")

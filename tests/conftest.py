@@ -1,4 +1,5 @@
 """Shared fixtures: a real S3-protocol server (moto) on 127.0.0.1, as s3fs's own tests do."""
+import hashlib
 import os
 import socket
 import uuid
@@ -6,6 +7,17 @@ import uuid
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def file_digests(root) -> dict:
+    """{relative path: sha256} of every file under root: to check nothing was changed."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def free_port() -> int:

@@ -1,5 +1,4 @@
 """The data layer on local files: built-in dataset, reading, splitting, corrupt data, CLI."""
-import hashlib
 import io
 import json
 import logging
@@ -16,6 +15,7 @@ from mera_ds.data.shards import (expand_shards, make_loader, make_mixed_loader, 
 from mera_ds.data.synth import SAMPLE_RATE, TASKS, _digit_pool, synth_dataset
 from mera_ds.data.writer import encode_sample, write_shards
 from mera_ds.errors import MeraError
+from tests.conftest import file_digests
 
 META = {"modality": "depth", "instruction": "what ?", "answer": "a", "label": 0}
 
@@ -29,16 +29,6 @@ def _uneven_shards(root, sizes, name="s"):
     for i, n in enumerate(sizes):
         write_shards([_sample(f"{name}{i}-{j}", i) for j in range(n)], f"{root}/{name}{i}", n)
     return f"{root}/{name}{{0..{len(sizes) - 1}}}-000000.tar"
-
-
-def _digests(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(dirpath, f), root)] = \
-                    hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 # --- the built-in dataset ------------------------------------------------------------------------
@@ -125,7 +115,7 @@ def test_synth_is_deterministic_for_a_seed(tmp_path):
     patterns = synth_dataset(str(tmp_path / "a"), seed=3, **kw)
     synth_dataset(str(tmp_path / "b"), seed=3, **kw)
     synth_dataset(str(tmp_path / "c"), seed=4, **kw)
-    a, b, c = (_digests(tmp_path / d) for d in "abc")
+    a, b, c = (file_digests(tmp_path / d) for d in "abc")
     assert len(a) == 4 * (2 + 1) and a == b
     assert all(a[f] != c[f] for f in a)
     assert patterns["audio"]["train"] == f"{tmp_path}/a/audio/train-{{000000..000001}}.tar"

@@ -13,6 +13,7 @@ from mera_ds.data.shards import expand_shards, make_loader, raw_samples, read_sa
 from mera_ds.data.synth import synth_samples
 from mera_ds.data.writer import write_shards
 from mera_ds.errors import MeraError
+from tests.conftest import file_digests
 
 N = 200  # training samples of the source, in 4 shards
 
@@ -27,16 +28,6 @@ def source(tmp_path_factory):
 def _raw_by_key(pattern):
     return {r["__key__"]: {k: v for k, v in r.items() if k != "__url__"}
             for url in expand_shards(pattern) for r in raw_samples(url)}
-
-
-def _files(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                out[os.path.relpath(os.path.join(dirpath, name), root)] = \
-                    hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 @pytest.mark.parametrize("ratio, k, sizes", [(0.01, 2, [1, 1]), (0.1, 20, [10, 10]),
@@ -72,9 +63,9 @@ def test_seeded(source, tmp_path):
     b = sample_replay(source, str(tmp_path / "b"), 0.1, seed=7)
     c = sample_replay(source, str(tmp_path / "c"), 0.1, seed=8)
     assert a["keys_sha256"] == b["keys_sha256"] != c["keys_sha256"]
-    files = _files(tmp_path / "a")
+    files = file_digests(tmp_path / "a")
     del files["replay.json"]  # it names its own directory
-    assert files == {k: v for k, v in _files(tmp_path / "b").items() if k in files}
+    assert files == {k: v for k, v in file_digests(tmp_path / "b").items() if k in files}
     assert len(files) == 2  # byte-identical shards
     keys_a = {s["__key__"] for s in read_samples(a["pattern"])}
     keys_c = {s["__key__"] for s in read_samples(c["pattern"])}
@@ -113,10 +104,10 @@ def test_s3_round_trip(source, tmp_path, s3_bucket):
 def test_existing_replay_is_never_overwritten(source, tmp_path):
     out = tmp_path / "replay"
     sample_replay(source, str(out), 0.1, seed=0)
-    before = _files(out)
+    before = file_digests(out)
     with pytest.raises(MeraError, match="already exists"):
         sample_replay(source, str(out), 0.01, seed=5)
-    assert _files(out) == before
+    assert file_digests(out) == before
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

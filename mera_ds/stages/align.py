@@ -9,13 +9,13 @@ from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
 
 def align_spec(cfg: RunConfig, modality: str) -> JobSpec:
     layout = RunLayout.of(cfg)
-    m, prev = cfg.modality(modality), layout.previous(modality)
+    m = cfg.modality(modality)
     al = cfg.stages.align
     return JobSpec(
         stage="align", modality=modality, learned=[modality],
         train_llm=False, train_connectors=[modality], data=[m.align_shards or m.train_shards],
         settings=al, lr_llm=0.0, lr_connector=al.lr,
-        init_llm=layout.stage_llm(prev) if prev else cfg.llm.path,
+        init_llm=layout.llm_before(modality, cfg.llm.path),
         export_connectors={modality: layout.align_connector(modality)},
         tensorboard=layout.tensorboard(modality, "align"))
 

@@ -11,13 +11,13 @@ from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
 
 def finetune_spec(cfg: RunConfig, modality: str) -> JobSpec:
     layout = RunLayout.of(cfg)
-    m, prev = cfg.modality(modality), layout.previous(modality)
+    m = cfg.modality(modality)
     ft = cfg.stages.finetune
     return JobSpec(
         stage="finetune", modality=modality, learned=[modality],
         train_llm=True, train_connectors=[modality], data=[m.train_shards], settings=ft,
         lr_llm=ft.lr_llm, lr_connector=ft.lr_connector,
-        init_llm=layout.stage_llm(prev) if prev else cfg.llm.path,
+        init_llm=layout.llm_before(modality, cfg.llm.path),
         init_connectors=({modality: layout.align_connector(modality)}
                          if cfg.stages.align.enabled else {}),
         export_llm=layout.finetune_llm(modality),
