@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mera_ds.config import RunConfig
 from mera_ds.layout import RunLayout
-from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
+from mera_ds.stages.train import JobSpec, launcher_main
 
 
 def align_spec(cfg: RunConfig, modality: str) -> JobSpec:
@@ -19,9 +19,6 @@ def align_spec(cfg: RunConfig, modality: str) -> JobSpec:
         export_connectors={modality: layout.align_connector(modality)},
         tensorboard=layout.tensorboard(modality, "align"))
 
-
-def align(cfg: RunConfig, modality: str, checkpointer: Checkpointer | None = None) -> dict:
-    return run_job(cfg, align_spec(cfg, modality), checkpointer)
 
 
 if __name__ == "__main__":

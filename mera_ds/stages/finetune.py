@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mera_ds.config import RunConfig
 from mera_ds.layout import RunLayout
-from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
+from mera_ds.stages.train import JobSpec, launcher_main
 
 
 def finetune_spec(cfg: RunConfig, modality: str) -> JobSpec:
@@ -24,9 +24,6 @@ def finetune_spec(cfg: RunConfig, modality: str) -> JobSpec:
         export_connectors={modality: layout.finetune_connector(modality)},
         tensorboard=layout.tensorboard(modality, "finetune"))
 
-
-def finetune(cfg: RunConfig, modality: str, checkpointer: Checkpointer | None = None) -> dict:
-    return run_job(cfg, finetune_spec(cfg, modality), checkpointer)
 
 
 if __name__ == "__main__":

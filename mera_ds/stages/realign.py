@@ -10,7 +10,7 @@ from __future__ import annotations
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
 from mera_ds.layout import RunLayout
-from mera_ds.stages.train import Checkpointer, JobSpec, launcher_main, run_job
+from mera_ds.stages.train import JobSpec, launcher_main
 from mera_ds.storage import join, read_json
 
 
@@ -38,9 +38,6 @@ def realign_spec(cfg: RunConfig, modality: str) -> JobSpec:
         export_connectors={m: layout.realign_connector(modality, m) for m in learned},
         tensorboard=layout.tensorboard(modality, "realign"))
 
-
-def realign(cfg: RunConfig, modality: str, checkpointer: Checkpointer | None = None) -> dict:
-    return run_job(cfg, realign_spec(cfg, modality), checkpointer)
 
 
 if __name__ == "__main__":
