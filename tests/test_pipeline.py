@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mera_ds.config import parse_config
-from mera_ds.dist.pipeline import Manifest
+from mera_ds.manifest import Manifest
 from mera_ds.errors import MeraError
 from mera_ds.layout import RunLayout
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from mera_ds.errors import MeraError
 
 # Modules under mera_ds.cli, each adding its sub-commands; imported lazily so `mera --help` is fast.
-COMMANDS = ["config", "shards", "run", "stage", "merge", "report"]
+COMMANDS = ["config", "shards", "run", "stage", "merge", "report", "bench"]
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
