@@ -292,6 +292,26 @@ def test_tiny_encoders_keep_the_task_signal():
             (modality, acc)
 
 
+def test_video_tokens_carry_a_motion_stream():
+    """Each video token is [appearance, motion]: the motion half is zero for a still clip and on
+    its own tells the direction, token by token (the connector maps one token at a time)."""
+    from sklearn.linear_model import RidgeClassifier
+
+    rng = np.random.default_rng(0)
+    enc = build_encoder("video", EncoderConfig(**ENCODER["video"]))
+    samples = [sample("video", rng, i=i) for i in range(300)]
+    tokens = enc(torch.stack([enc.preprocess(s) for s in samples]))
+    half = enc.out_dim // 2
+    still = {**samples[0], "input": np.repeat(samples[0]["input"][:1], 4, axis=0)}
+    still_tokens = enc(enc.preprocess(still)[None])[0]
+    assert still_tokens[:, half:].abs().max() == 0 and still_tokens[:, :half].abs().max() > 0
+    y = np.array([s["label"] for s in samples])
+    for t in range(enc.num_tokens):
+        motion = tokens[:, t, half:].numpy()
+        probe = RidgeClassifier(alpha=10.0).fit(motion[:200], y[:200])
+        assert probe.score(motion[200:], y[200:]) > 0.85, t  # chance: 0.25
+
+
 def test_pretrained_encoders_from_path(tmp_path):
     """`path` set: the tower comes from an HF directory (a whole CLIP / Whisper checkpoint) and
     the pixel / log-mel settings from its processor config."""

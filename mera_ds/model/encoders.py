@@ -147,8 +147,12 @@ class ClipVisionEncoder(Encoder):
 class VideoEncoder(Encoder):
     """The image tower over `num_frames` frames sampled uniformly from the clip. Each frame's patch
     tokens are pooled to a coarse `spatial_grid` x `spatial_grid` grid, flattened into one token
-    (a plain spatial mean would lose where things are, and with it the motion), then the frame
-    tokens are pooled in time to `time_tokens` tokens, in order."""
+    (a plain spatial mean would lose where things are, and with it the motion). Two streams, as in
+    two-stream video networks: appearance (the frame tokens) and motion (differences of
+    consecutive frame tokens), each pooled in time to `time_tokens` tokens in order, concatenated
+    per token. Without the motion stream the connector, which sees one token at a time, passes
+    no motion on, and the LLM has to learn to subtract frames by itself: a tiny LLM stays at
+    chance on the built-in direction task for hundreds of steps."""
 
     input_kind = "video"
 
@@ -158,7 +162,7 @@ class VideoEncoder(Encoder):
         self.num_frames = cfg.num_frames
         self.spatial_grid = min(spatial_grid, self.tower.grid)
         self.num_tokens = cfg.time_tokens
-        self.out_dim = self.tower.hidden * self.spatial_grid ** 2
+        self.out_dim = 2 * self.tower.hidden * self.spatial_grid ** 2
 
     def _preprocess(self, sample: dict) -> torch.Tensor:
         x = np.asarray(sample["input"])
@@ -176,7 +180,11 @@ class VideoEncoder(Encoder):
         g, d = self.tower.grid, self.tower.hidden
         grid = patches.transpose(1, 2).reshape(b * t, d, g, g)
         frames = F.adaptive_avg_pool2d(grid, self.spatial_grid).reshape(b, t, -1)
-        return F.adaptive_avg_pool1d(frames.transpose(1, 2), self.num_tokens).transpose(1, 2)
+        motion = frames[:, 1:] - frames[:, :-1] if t > 1 else torch.zeros_like(frames)
+        return torch.cat([self._in_time(frames), self._in_time(motion)], dim=-1)
+
+    def _in_time(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_tokens).transpose(1, 2)
 
 
 class DepthEncoder(ClipVisionEncoder):
