@@ -1,0 +1,52 @@
+"""`mera bench mcl`: the MCL benchmark (mera_ds.mcl) on one order and seed, and
+`mera bench mcl-summary`: mean and spread over several of its JSON results."""
+import os
+
+
+def register(sub):
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    mcl = bench.add_parser("mcl", help="MERA against the MCL baselines, one order and seed, "
+                                       "in one process")
+    mcl.add_argument("--config", default="launch/configs/default.yaml",
+                     help="run config: model, data and hyperparameters for every method "
+                          "(default: the embedded default)")
+    mcl.add_argument("--order", help="training order, e.g. image,video,audio,depth "
+                                     "(default: the config's)")
+    mcl.add_argument("--seed", type=int, help="default: the config's")
+    mcl.add_argument("--methods", help="comma-separated subset (default: all)")
+    mcl.add_argument("--out", help="working directory (default: runs/mcl/ORDER-sSEED)")
+    mcl.add_argument("--json", help="write the results here (default: OUT/mcl.json)")
+    mcl.add_argument("--matrix", action="store_true", help="print every method's P matrix")
+    mcl.add_argument("--resume", action="store_true",
+                     help="continue the benchmark in OUT: finished stages are skipped")
+    mcl.set_defaults(func=_mcl)
+    summary = bench.add_parser("mcl-summary", help="mean and spread of BRG over MCL results")
+    summary.add_argument("results", nargs="+", help="JSON files written by `mera bench mcl`")
+    summary.set_defaults(func=_summary)
+
+
+def _mcl(args):
+    from mera_ds.config import load_config
+    from mera_ds.mcl import bench_config, format_table, plot, run_mcl, write_result
+    from mera_ds.storage import join
+
+    cfg = load_config(args.config)
+    order = args.order.split(",") if args.order else None
+    seed = cfg.seed if args.seed is None else args.seed
+    out = args.out or os.path.join(
+        "runs", "mcl", f"{'-'.join(order or [m.name for m in cfg.modalities])}-s{seed}")
+    cfg = bench_config(cfg, order, seed, out)
+    result = run_mcl(cfg, args.methods.split(",") if args.methods else None, resume=args.resume)
+    path = args.json or join(cfg.run_dir, "mcl.json")
+    write_result(result, path)
+    plot(result, join(cfg.run_dir, "mcl.png"))
+    print("\n" + format_table(result, matrix=args.matrix))
+    print(f"\nresults: {path}\nplot: {join(cfg.run_dir, 'mcl.png')}")
+
+
+def _summary(args):
+    from mera_ds.mcl import summarize
+    from mera_ds.storage import read_json
+
+    print(summarize([read_json(p) for p in args.results]))

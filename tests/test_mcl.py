@@ -1,0 +1,131 @@
+"""`mera bench mcl`: every method over two modalities in one process, stages shared between
+methods computed once, the merge of the right inputs, resume, and the summary over runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mera_ds.mcl import METHODS, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "-m", "mera_ds", "bench", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _tensors(llm_dir):
+    out = {}
+    for name in sorted(os.listdir(llm_dir)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(llm_dir, name)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mcl_run(builtin_shards, tmp_path_factory):
+    """One benchmark over audio then video with a few steps per job."""
+    from mera_ds.config import load_config
+
+    tmp = tmp_path_factory.mktemp("mcl")
+    cfg = load_config(os.path.join(ROOT, "launch/configs/default.yaml")).model_dump(mode="json")
+    for m in cfg["modalities"]:
+        m["train_shards"] = builtin_shards[m["name"]]["train"]
+        m["eval_shards"] = builtin_shards[m["name"]]["eval"]
+    st = cfg["stages"]
+    st["finetune"].update(steps=4, batch_size=4, micro_batch_size=2)
+    st["realign"].update(steps=3, batch_size=4, micro_batch_size=2)
+    st["eval"].update(max_samples=8, batch_size=8)
+    cfg["data"] = {"shuffle_buffer": 16}
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp / "out"
+    args = ["mcl", "--config", str(path), "--order", "audio,video", "--seed", "3",
+            "--out", str(out)]
+    proc = bench(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"args": args, "out": out, "stdout": proc.stdout,
+            "result": json.loads((out / "mcl.json").read_text()),
+            "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+def test_every_method_gets_its_matrix_and_brg(mcl_run):
+    result = mcl_run["result"]
+    assert result["order"] == ["audio", "video"] and result["seed"] == 3
+    assert sorted(result["methods"]) == sorted(METHODS)
+    for name, r in result["methods"].items():
+        P = r["P"]
+        assert len(P) == 2 and P[0][1] is None and all(0 <= v <= 1 for v in P[1])
+        brg = None if P[0][0] == 0 else P[1][0] / P[0][0] * 100
+        assert r["brg"] == pytest.approx(brg) if brg is not None else r["brg"] is None
+        assert r["final_average"] == pytest.approx(sum(P[1]) / 2)
+        assert r["seconds"] > 0
+        assert name in mcl_run["stdout"]
+    assert "wall time" in mcl_run["stdout"]
+    assert (mcl_run["out"] / "mcl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shared_stages_run_once_and_merge_uses_the_merge_chain(mcl_run):
+    stages = mcl_run["manifest"]["stages"]
+    finetunes = sorted(s for s in stages if s.endswith("/finetune"))
+    # Stage 1 is one finetune for every method; at stage 2 seq and merge both start from
+    # theta_1 (one finetune), replay trains on its own mix.
+    assert finetunes == ["first/01-audio/finetune", "replay/02-video/finetune",
+                         "seq/02-video/finetune"]
+    assert sorted(s for s in stages if "realign" in s) == [
+        "first/01-audio/realign-1", "first/01-audio/realign-10", "merge/02-video/realign-1",
+        "merge/02-video/realign-10", "seq/02-video/realign-10"]
+    # theta_2 = theta_1 + (theta_ft_2 - theta_1) / 2, theta_1 being the shared stage-1 finetune.
+    chains = mcl_run["out"] / "chains"
+    prev = _tensors(chains / "first/01-audio/finetune/llm")
+    ft = _tensors(chains / "seq/02-video/finetune/llm")
+    merged = _tensors(chains / "merge/02-video/merge/llm")
+    assert set(merged) == set(prev)
+    for name, t in merged.items():
+        torch.testing.assert_close(t, prev[name] + (ft[name] - prev[name]) / 2)
+    assert not torch.equal(ft["model.embed_tokens.weight"], prev["model.embed_tokens.weight"])
+    # replay-10 trains every learned connector on its mix; the others only the new one.
+    assert sorted(os.listdir(chains / "replay/02-video/finetune/connectors")) == [
+        "audio.safetensors", "video.safetensors"]
+    assert os.listdir(chains / "seq/02-video/finetune/connectors") == ["video.safetensors"]
+    replay = mcl_run["manifest"]["stages"]["replay/10/audio"]["result"]
+    assert replay["samples"] == round(0.1 * replay["source_samples"])
+
+
+def test_rerun_needs_resume_and_resume_recomputes_nothing(mcl_run):
+    proc = bench(*mcl_run["args"])
+    assert proc.returncode == 2 and "a run is already there" in proc.stderr
+    before = {s: e["finished"] for s, e in mcl_run["manifest"]["stages"].items()}
+    proc = bench(*mcl_run["args"], "--resume", "--matrix")
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads((mcl_run["out"] / "manifest.json").read_text())["stages"]
+    assert {s: e["finished"] for s, e in stages.items()} == before
+    again = json.loads((mcl_run["out"] / "mcl.json").read_text())
+    assert {n: r["P"] for n, r in again["methods"].items()} == \
+        {n: r["P"] for n, r in mcl_run["result"]["methods"].items()}
+    assert "performance matrix P" in proc.stdout
+
+
+def test_bad_order_is_one_line_naming_the_modality(tmp_path):
+    proc = bench("mcl", "--order", "audio,smell", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mera: error: --order: modality 'smell' is not in the config "
+        "(image, video, audio, depth)"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_summary_gives_mean_and_spread_per_method():
+    runs = [{"order": ["a", "b"], "seed": s, "methods": {
+        "seq-ft": {"brg": brg, "final_average": avg}}}
+        for s, (brg, avg) in enumerate([(40.0, 0.5), (60.0, 0.7)])]
+    table = summarize(runs)
+    assert "2 runs: a,b/s0, a,b/s1" in table
+    assert "| seq-ft | 50.00 | 14.14 | 40.00..60.00 | 0.600 | 0.141 |" in table
