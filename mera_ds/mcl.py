@@ -30,7 +30,7 @@ from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
 from mera_ds.layout import RunLayout
 from mera_ds.manifest import Manifest
-from mera_ds.storage import join, write_bytes, write_json
+from mera_ds.storage import join, write_bytes
 
 log = logging.getLogger("mera_ds.mcl")
 
@@ -153,6 +153,8 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
     from mera_ds.data.replay import sample_replay
     from mera_ds.stages.evaluate import backward_relative_gain, evaluate, performance_matrix
     from mera_ds.stages.merge import merge_llm
+    from mera_ds.stages.finetune import finetune_job
+    from mera_ds.stages.realign import realign_job
     from mera_ds.stages.train import JobSpec, run_job
 
     names = methods or list(METHODS)
@@ -163,7 +165,6 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
     order = list(b.run.order)
     manifest = Manifest.open(cfg, resume)
     device = "cuda" if cfg.cluster.use_gpu else "cpu"
-    ft, ra = cfg.stages.finetune, cfg.stages.realign
     t0 = time.time()
     deps: dict[str, list[str]] = {n: [] for n in names}  # manifest stages each method uses
 
@@ -195,20 +196,15 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
                 data = [cfg.modality(modality).train_shards] + [r["pattern"] for r in mix[:-1]]
                 weights = [float(mix[-1]["source_samples"])] + [float(r["samples"])
                                                                for r in mix[:-1]]
-                connectors = learned
+                trained = learned
                 init = {m: b.finetune_connector("replay", i - 1, m) for m in learned[:-1]}
             else:
-                data, weights, connectors, init = \
+                data, weights, trained, init = \
                     [cfg.modality(modality).train_shards], None, [modality], {}
-            train(f"{chain}/{tag}/finetune", users, [b.finetune_dir(chain, i)],
-                  JobSpec(stage="finetune", modality=modality, learned=connectors,
-                          train_llm=True, train_connectors=connectors, data=data,
-                          data_weights=weights, settings=ft, lr_llm=ft.lr_llm,
-                          lr_connector=ft.lr_connector,
-                          init_llm=b.llm(chain, i - 1) if i > 1 else cfg.llm.path,
-                          init_connectors=init, export_llm=b.finetune_llm(chain, i),
-                          export_connectors={m: b.finetune_connector(chain, i, m)
-                                             for m in connectors}))
+            train(f"{chain}/{tag}/finetune", users, [b.finetune_dir(chain, i)], finetune_job(
+                cfg, modality, b.llm(chain, i - 1) if i > 1 else cfg.llm.path, data=data,
+                data_weights=weights, connectors=init, out_llm=b.finetune_llm(chain, i),
+                out_connectors={m: b.finetune_connector(chain, i, m) for m in trained}))
         if i > 1 and any(c == "merge" for c, _ in key.values()):
             stage(f"merge/{tag}/merge", [n for n in names if key[n][0] == "merge"],
                   [b.merge_llm("merge", i)], merge_llm, b.llm("merge", i - 1),
@@ -222,15 +218,13 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
             if ratio is not None:
                 mix = [replay(ratio, m) for m in learned]
                 out = b.realign_dir(chain, ratio, i)
-                train(f"{chain}/{tag}/realign{suffix}", users, [out], JobSpec(
-                    stage="realign", modality=modality, learned=learned, train_llm=False,
-                    train_connectors=learned, data=[r["pattern"] for r in mix],
-                    data_weights=[float(r["samples"]) for r in mix], settings=ra, lr_llm=0.0,
-                    lr_connector=ra.lr, init_llm=b.llm(chain, i),
-                    init_connectors={m: b.finetune_connector(chain, i, m) if m == modality
-                                     else join(b.realign_dir(chain, ratio, i - 1),
-                                               f"{m}.safetensors") for m in learned},
-                    export_connectors={m: join(out, f"{m}.safetensors") for m in learned}))
+                train(f"{chain}/{tag}/realign{suffix}", users, [out], realign_job(
+                    cfg, modality, b.llm(chain, i),
+                    before={m: b.finetune_connector(chain, i, m) if m == modality
+                            else join(b.realign_dir(chain, ratio, i - 1), f"{m}.safetensors")
+                            for m in learned},
+                    replays=[(r["pattern"], r["samples"]) for r in mix],
+                    out={m: join(out, f"{m}.safetensors") for m in learned}))
             results[chain, ratio] = stage(
                 f"{chain}/{tag}/evaluate{suffix}", users, [], evaluate, cfg, modality,
                 llm_dir=b.llm(chain, i), connectors=b.connectors(Method(chain, ratio), i),
@@ -288,10 +282,6 @@ def plot(result: dict, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     write_bytes(path, buf.getvalue())
-
-
-def write_result(result: dict, path: str) -> None:
-    write_json(path, result)
 
 
 def summarize(results: list[dict]) -> str:

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mera_ds.mcl import METHODS, summarize
+
+from .test_merge import state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -19,14 +20,6 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREA
 def bench(*args):
     return subprocess.run([sys.executable, "-m", "mera_ds", "bench", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
-
-
-def _tensors(llm_dir):
-    out = {}
-    for name in sorted(os.listdir(llm_dir)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(llm_dir, name)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +77,9 @@ def test_shared_stages_run_once_and_merge_uses_the_merge_chain(mcl_run):
         "merge/02-video/realign-10", "seq/02-video/realign-10"]
     # theta_2 = theta_1 + (theta_ft_2 - theta_1) / 2, theta_1 being the shared stage-1 finetune.
     chains = mcl_run["out"] / "chains"
-    prev = _tensors(chains / "first/01-audio/finetune/llm")
-    ft = _tensors(chains / "seq/02-video/finetune/llm")
-    merged = _tensors(chains / "merge/02-video/merge/llm")
+    prev = state(chains / "first/01-audio/finetune/llm")
+    ft = state(chains / "seq/02-video/finetune/llm")
+    merged = state(chains / "merge/02-video/merge/llm")
     assert set(merged) == set(prev)
     for name, t in merged.items():
         torch.testing.assert_close(t, prev[name] + (ft[name] - prev[name]) / 2)

@@ -28,8 +28,8 @@ def register(sub):
 
 def _mcl(args):
     from mera_ds.config import load_config
-    from mera_ds.mcl import bench_config, format_table, plot, run_mcl, write_result
-    from mera_ds.storage import join
+    from mera_ds.mcl import bench_config, format_table, plot, run_mcl
+    from mera_ds.storage import join, write_json
 
     cfg = load_config(args.config)
     order = args.order.split(",") if args.order else None
@@ -39,7 +39,7 @@ def _mcl(args):
     cfg = bench_config(cfg, order, seed, out)
     result = run_mcl(cfg, args.methods.split(",") if args.methods else None, resume=args.resume)
     path = args.json or join(cfg.run_dir, "mcl.json")
-    write_result(result, path)
+    write_json(path, result)
     plot(result, join(cfg.run_dir, "mcl.png"))
     print("\n" + format_table(result, matrix=args.matrix))
     print(f"\nresults: {path}\nplot: {join(cfg.run_dir, 'mcl.png')}")

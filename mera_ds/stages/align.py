@@ -20,6 +20,5 @@ def align_spec(cfg: RunConfig, modality: str) -> JobSpec:
         tensorboard=layout.tensorboard(modality, "align"))
 
 
-
 if __name__ == "__main__":
     launcher_main(align_spec)

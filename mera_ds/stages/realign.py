@@ -20,24 +20,33 @@ def replay_pattern(layout: RunLayout, modality: str) -> tuple[str, int]:
     return info["pattern"], info["samples"]
 
 
-def realign_spec(cfg: RunConfig, modality: str) -> JobSpec:
-    layout = RunLayout.of(cfg)
+def realign_job(cfg: RunConfig, modality: str, llm: str, before: dict[str, str],
+                replays: list[tuple[str, int]], out: dict[str, str],
+                tensorboard: str | None = None) -> JobSpec:
+    """Stage `modality`'s realign: the LLM directory `llm` frozen, the connectors of `before`
+    ({learned modality: file to start from}) trained on the union of the replay sets
+    `replays` [(pattern, samples)], which weigh by their sizes, and written to `out`."""
     ra = cfg.stages.realign
     if ra.mode != "zero3":
         raise MeraError(f"stages.realign.mode: {ra.mode!r} is not built yet; use 'zero3'")
-    learned = list(layout.learned(modality))
-    replays = [replay_pattern(layout, m) for m in learned]
+    learned = list(before)
     return JobSpec(
         stage="realign", modality=modality, learned=learned,
         train_llm=False, train_connectors=learned,
-        # The mix is the union of the replay sets: modalities weigh by their replay sizes.
         data=[p for p, _ in replays], data_weights=[float(n) for _, n in replays],
-        settings=ra, lr_llm=0.0, lr_connector=ra.lr,
-        init_llm=layout.stage_llm(modality),
-        init_connectors={m: layout.connector_before_realign(modality, m) for m in learned},
-        export_connectors={m: layout.realign_connector(modality, m) for m in learned},
-        tensorboard=layout.tensorboard(modality, "realign"))
+        settings=ra, lr_llm=0.0, lr_connector=ra.lr, init_llm=llm, init_connectors=before,
+        export_connectors=out, tensorboard=tensorboard)
 
+
+def realign_spec(cfg: RunConfig, modality: str) -> JobSpec:
+    layout = RunLayout.of(cfg)
+    learned = layout.learned(modality)
+    return realign_job(
+        cfg, modality, layout.stage_llm(modality),
+        before={m: layout.connector_before_realign(modality, m) for m in learned},
+        replays=[replay_pattern(layout, m) for m in learned],
+        out={m: layout.realign_connector(modality, m) for m in learned},
+        tensorboard=layout.tensorboard(modality, "realign"))
 
 
 if __name__ == "__main__":
