@@ -97,7 +97,7 @@ def run_config(args, pattern: str, mode: str):
 
 def flops_per_token(cfg, pattern: str, n_samples: int, n_params: int) -> tuple[float, float]:
     """(model FLOPs per real token, mean sample length) over the samples the runs consume."""
-    from mera_ds.data.shards import sample_stream
+    from mera_ds.data.loader import sample_stream
     from mera_ds.model import tiny
 
     tok = tiny.tiny_tokenizer()
@@ -113,17 +113,24 @@ def flops_per_token(cfg, pattern: str, n_samples: int, n_params: int) -> tuple[f
     return float(((6 * n_params + attn) * lengths).sum() / lengths.sum()), float(lengths.mean())
 
 
+def finetune_step(cfg):
+    """The plan's finetune step of the "feat" modality: what `mera run` would train."""
+    from mera_ds.run.layout import RunLayout
+    from mera_ds.run.plan import Method, find_step, plan
+
+    return find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), "finetune", "feat")
+
+
 def bench_mera(cfg, realign: bool = False) -> dict:
     """The finetune stage itself (run_job), without the export; with `realign`, the same job
     as the realign stage runs it: LLM frozen (no gradients, no optimizer state), connector
     trained, same model and batches."""
-    from mera_ds.stages.finetune import finetune_spec
-    from mera_ds.stages.train import run_job
+    from mera_ds.train.recipe import run_job
 
-    spec = dataclasses.replace(finetune_spec(cfg, "feat"), export_llm=None,
+    spec = dataclasses.replace(finetune_step(cfg).spec, export_llm=None,
                                export_connectors={}, tensorboard=None)
     if realign:
-        spec = dataclasses.replace(spec, stage="realign", train_llm=False,
+        spec = dataclasses.replace(spec, phase="realign", train_llm=False,
                                    lr_connector=cfg.stages.realign.lr)
     m = run_job(cfg, spec)
     return {"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}
@@ -136,15 +143,13 @@ def bench_hf(cfg) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from mera_ds.data.shards import sample_stream
+    from mera_ds.data.loader import sample_stream
     from mera_ds.model.llm import DTYPES, build_llm
     from mera_ds.model.mllm import Collator, build_mllm, set_trainable
-    from mera_ds.stages.finetune import finetune_spec
-    from mera_ds.stages.train import deepspeed_config, init_distributed
+    from mera_ds.train.runtime import deepspeed_config, init_distributed
 
     init_distributed(cfg)
-    spec = finetune_spec(cfg, "feat")
-    ds = deepspeed_config(cfg, spec)
+    ds = deepspeed_config(cfg, cfg.stages.finetune)
     keep = HfDeepSpeedConfig(ds)  # noqa: F841 - the LLM is created partitioned, as in LLaVA
     llm, tok = build_llm(cfg.llm)
     mllm = build_mllm(cfg, ["feat"], llm=llm, tokenizer=tok)

@@ -96,7 +96,7 @@ def compare(a: str, b: str) -> dict:
     """How far apart two merged checkpoints are, over every tensor (bf16 ulps differ when the
     two round fp32 sums in another order)."""
     sys.path.insert(0, REPO)
-    from mera_ds.checkpoint import Checkpoint
+    from mera_ds.io.reader import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     assert set(ca.names) == set(cb.names), "the outputs hold different tensors"

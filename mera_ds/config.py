@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mera_ds.errors import MeraError
+from mera_ds.merge.strategies import STRATEGIES
 
 # Relative paths in a config (shards, DeepSpeed configs) are taken from the working directory,
 # falling back to the repository root so the shipped ds_configs/ are found from anywhere.
@@ -99,7 +100,9 @@ class LLMConfig(_Strict):
     max_length: int = Field(256, ge=8, description="tokens per sample, modality tokens included")
 
 
-class _Training(_Strict):
+class TrainingSettings(_Strict):
+    """What every training phase (align, finetune, realign) sets."""
+
     packing: bool = Field(True, description="pack samples into rows of llm.max_length tokens "
                           "instead of padding each to the longest")
     steps: int = Field(ge=1)
@@ -110,7 +113,7 @@ class _Training(_Strict):
     grad_clip: float = Field(1.0, gt=0)
 
 
-class AlignConfig(_Training):
+class AlignConfig(TrainingSettings):
     enabled: bool = False
     lr: float = Field(1e-3, gt=0)
     steps: int = Field(100, ge=1)
@@ -118,7 +121,7 @@ class AlignConfig(_Training):
     micro_batch_size: int = Field(16, ge=1)
 
 
-class FinetuneConfig(_Training):
+class FinetuneConfig(TrainingSettings):
     lr_llm: float = Field(2e-4, gt=0)
     lr_connector: float = Field(2e-5, gt=0)
     steps: int = Field(100, ge=1)
@@ -127,7 +130,7 @@ class FinetuneConfig(_Training):
 
 
 class MergeConfig(_Strict):
-    strategy: Literal["mera", "linear", "task_arithmetic", "ties", "dare"] = "mera"
+    strategy: str = Field("mera", description="one of " + ", ".join(STRATEGIES))
     weights: Optional[list[float]] = Field(
         None, description="linear: one weight per merged model, the previous one first")
     lam: float = Field(1.0, description="task_arithmetic/ties/dare: scale of the summed deltas")
@@ -136,6 +139,13 @@ class MergeConfig(_Strict):
     seed: int = 0
     shard_size: str = Field("2GB", description="output shard size, e.g. 500MB")
 
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"{v!r} is not a merge strategy (one of {', '.join(STRATEGIES)})")
+        return v
+
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
@@ -143,15 +153,16 @@ class MergeConfig(_Strict):
         return v
 
 
-class RealignConfig(_Training):
+class RealignConfig(TrainingSettings):
     enabled: bool = True
     lr: float = Field(2e-5, gt=0)
     steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     replay_ratio: float = Field(0.1, gt=0, le=1, description="r: share of each modality replayed")
-    mode: Literal["zero3", "data_parallel"] = Field(
-        "zero3", description="data_parallel keeps a frozen LLM copy per worker (fits one device)")
+    mode: Literal["zero3"] = Field(
+        "zero3", description="zero3: the frozen LLM partitioned as in finetune (the only mode "
+                             "built so far)")
 
 
 class EvalConfig(_Strict):
@@ -222,9 +233,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _batches(self):
-        stages = self.stages
-        for name in ("align", "finetune", "realign"):
-            s = getattr(stages, name)
+        for name, s in self.stages:
+            if not isinstance(s, TrainingSettings):
+                continue
             per_step = s.micro_batch_size * self.cluster.num_workers
             if s.batch_size % per_step:
                 raise ValueError(
@@ -239,14 +250,29 @@ class RunConfig(_Strict):
         raise ConfigError(f"modality {name!r} is not in the config "
                           f"(it has {', '.join(m.name for m in self.modalities)})")
 
-    def grad_accum(self, stage: str) -> int:
-        s = getattr(self.stages, stage)
-        return s.batch_size // (s.micro_batch_size * self.cluster.num_workers)
+    def fingerprint(self) -> dict[str, Any]:
+        """{"stages.finetune.steps": 300, ...}: every setting that changes what a run computes
+        (not where it runs). A resumed run whose fingerprint differs was changed; the manifest
+        names the first field that did."""
+        return dict(_flat(self.model_dump(mode="json")))
 
-    def config_hash(self) -> str:
-        """Identifies what a run computes: a resumed run with another hash was changed."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+    def digest(self) -> str:
+        """A short hash of the fingerprint, to tell configs apart at a glance."""
+        blob = json.dumps(self.fingerprint(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Settings that may change between a run and its resume: where it runs, not what it computes.
+NOT_FINGERPRINTED = {"cluster.ray_address"}
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = prefix + k
+        if isinstance(v, dict):
+            yield from _flat(v, key + ".")
+        elif key not in NOT_FINGERPRINTED:
+            yield key, v
 
 
 def absolute(path: str) -> str:

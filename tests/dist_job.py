@@ -1,30 +1,27 @@
-"""Run under `torchrun` by tests/test_train.py: one training job per rank, plus what a test
-needs to see from inside it (each rank's partition, parameters before and after)."""
+"""Run under `torchrun` by tests/test_train.py: the plan's training step of a phase and modality,
+one job per rank, plus what a test needs to see from inside it (each rank's partition,
+parameters before and after)."""
 import json
 import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
 from mera_ds.config import parse_config
-from mera_ds.stages.align import align_spec
-from mera_ds.stages.export import gathered
-from mera_ds.stages.finetune import finetune_spec
-from mera_ds.stages.realign import realign_spec
-from mera_ds.stages.train import run_job
-
-SPECS = {"align": align_spec, "finetune": finetune_spec, "realign": realign_spec}
+from mera_ds.run.layout import RunLayout
+from mera_ds.run.plan import Method, find_step, plan
+from mera_ds.train.export import gathered
+from mera_ds.train.recipe import run_job
 
 
 def main():
-    cfg_path, stage, modality, out = sys.argv[1:5]
+    cfg_path, phase, modality, out = sys.argv[1:5]
     sleep_rank = int(os.environ.get("TEST_SLEEP_RANK", "-1"))
     with open(cfg_path) as f:
         cfg = parse_config(json.load(f), cfg_path)
-    spec = SPECS[stage](cfg, modality)
+    spec = find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), phase, modality).spec
 
     def observe(event, engine):
         rank = dist.get_rank()

@@ -21,8 +21,8 @@ def main():
 
     from mera_ds.config import LLMConfig, parse_config
     from mera_ds.model.llm import build_llm
-    from mera_ds.stages.export import export_llm
-    from mera_ds.stages.train import init_distributed
+    from mera_ds.train.export import export_llm
+    from mera_ds.train.runtime import init_distributed
 
     cfg = parse_config({"run_dir": out, "modalities": [
         {"name": "image", "encoder": {"type": "clip_vision"}, "train_shards": "x",

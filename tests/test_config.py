@@ -111,12 +111,18 @@ def test_missing_file_and_non_mapping(tmp_path):
         load_config(write(tmp_path, "- just\n- a list\n"))
 
 
-def test_config_hash_tracks_content():
-    a, b = base(), base()
-    assert load_config(DEFAULT).config_hash() == load_config(DEFAULT).config_hash()
-    b["stages"]["finetune"]["steps"] += 1
+def test_fingerprint_tracks_what_a_run_computes():
     from mera_ds.config import parse_config
-    assert parse_config(a).config_hash() != parse_config(b).config_hash()
+
+    a, b = base(), base()
+    assert load_config(DEFAULT).digest() == load_config(DEFAULT).digest()
+    b["stages"]["finetune"]["steps"] += 1
+    assert parse_config(b).fingerprint()["stages.finetune.steps"] == \
+        parse_config(a).fingerprint()["stages.finetune.steps"] + 1
+    assert parse_config(a).digest() != parse_config(b).digest()
+    b = base()
+    b["cluster"]["ray_address"] = "127.0.0.1:6379"  # where it runs, not what it computes
+    assert parse_config(a).fingerprint() == parse_config(b).fingerprint()
 
 
 def test_parse_size():
@@ -133,4 +139,5 @@ def test_cli_prints_one_line_error(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"mera: error: {path}: stages.merge.strategy:")
+    assert lines == [f"mera: error: {path}: stages.merge.strategy: 'slerp' is not a merge "
+                     f"strategy (one of mera, linear, task_arithmetic, ties, dare)"]

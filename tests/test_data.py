@@ -10,8 +10,8 @@ import pytest
 
 from mera_ds.cli import main
 from mera_ds.data.inspect import inspect_shards
-from mera_ds.data.shards import (expand_shards, make_loader, make_mixed_loader, rank_shards,
-                                 read_samples, sample_stream)
+from mera_ds.data.loader import make_loader, make_mixed_loader, read_samples, sample_stream
+from mera_ds.data.tar import expand_shards, rank_shards
 from mera_ds.data.synth import SAMPLE_RATE, TASKS, _digit_pool, synth_dataset
 from mera_ds.data.writer import encode_sample, write_shards
 from mera_ds.errors import MeraError

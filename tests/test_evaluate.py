@@ -3,15 +3,13 @@ import pytest
 import torch
 
 from mera_ds.config import parse_config
-from mera_ds.data.shards import read_samples
+from mera_ds.data.loader import read_samples
 from mera_ds.errors import MeraError
-from mera_ds.layout import RunLayout
+from mera_ds.evaluate import (METRICS, backward_relative_gain, evaluate, exact_match,
+                              performance_matrix)
 from mera_ds.model.connectors import save_connector
 from mera_ds.model.llm import build_llm
 from mera_ds.model.mllm import build_mllm
-from mera_ds.stages.evaluate import (METRICS, backward_relative_gain, evaluate, exact_match,
-                                     performance_matrix, write_metrics)
-from mera_ds.storage import read_json
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,9 +30,9 @@ def test_exact_match_normalises_case_and_whitespace():
 
 
 def test_performance_matrix_and_brg():
-    rows = [{"stage": "image", "scores": {"image": 0.8}},
-            {"stage": "video", "scores": {"image": 0.6, "video": 0.5}},
-            {"stage": "audio", "scores": {"image": 0.4, "video": 0.45, "audio": 0.9}}]
+    rows = [{"modality": "image", "scores": {"image": 0.8}},
+            {"modality": "video", "scores": {"image": 0.6, "video": 0.5}},
+            {"modality": "audio", "scores": {"image": 0.4, "video": 0.45, "audio": 0.9}}]
     order, P = performance_matrix(rows)
     assert order == ["image", "video", "audio"]
     assert P == [[0.8, None, None], [0.6, 0.5, None], [0.4, 0.45, 0.9]]
@@ -52,7 +50,7 @@ def test_performance_matrix_and_brg():
     assert backward_relative_gain(P, order) is None
     # A stage row without a learned modality's score is an error naming it.
     with pytest.raises(MeraError, match="image"):
-        performance_matrix([rows[0], {"stage": "video", "scores": {"video": 0.5}}])
+        performance_matrix([rows[0], {"modality": "video", "scores": {"video": 0.5}}])
 
 
 @pytest.fixture
@@ -76,7 +74,7 @@ def stage_inputs(tiny_config, tmp_path):
 def test_evaluate_tiny_model(stage_inputs):
     cfg, llm_dir, connectors = stage_inputs
     result = evaluate(cfg, "video", llm_dir=llm_dir, connectors=connectors)
-    assert result["stage"] == "video"
+    assert result["modality"] == "video"
     assert set(result["scores"]) == {"image", "video"}
     assert all(0.0 <= s <= 1.0 for s in result["scores"].values())
     assert result["samples"] == {"image": 40, "video": 40}
@@ -87,9 +85,6 @@ def test_evaluate_tiny_model(stage_inputs):
             # Generation from inputs_embeds gives the new tokens only (words, at most
             # max_new_tokens of them), not the prompt.
             assert len(prediction.split()) <= cfg.modality(name).task.max_new_tokens
-    url = RunLayout.of(cfg).eval_metrics("video")
-    write_metrics(url, result)
-    assert read_json(url) == result
 
 
 def test_evaluate_scores_a_constant_answer(stage_inputs, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from mera_ds.mcl import METHODS, summarize
+from mera_ds.run.mcl import METHODS, summarize
 
 from .test_merge import state
 
@@ -66,7 +66,7 @@ def test_every_method_gets_its_matrix_and_brg(mcl_run):
 
 
 def test_shared_stages_run_once_and_merge_uses_the_merge_chain(mcl_run):
-    stages = mcl_run["manifest"]["stages"]
+    stages = mcl_run["manifest"]["steps"]
     finetunes = sorted(s for s in stages if s.endswith("/finetune"))
     # Stage 1 is one finetune for every method; at stage 2 seq and merge both start from
     # theta_1 (one finetune), replay trains on its own mix.
@@ -88,17 +88,17 @@ def test_shared_stages_run_once_and_merge_uses_the_merge_chain(mcl_run):
     assert sorted(os.listdir(chains / "replay/02-video/finetune/connectors")) == [
         "audio.safetensors", "video.safetensors"]
     assert os.listdir(chains / "seq/02-video/finetune/connectors") == ["video.safetensors"]
-    replay = mcl_run["manifest"]["stages"]["replay/10/audio"]["result"]
+    replay = mcl_run["manifest"]["steps"]["01-audio/replay-10"]["result"]
     assert replay["samples"] == round(0.1 * replay["source_samples"])
 
 
 def test_rerun_needs_resume_and_resume_recomputes_nothing(mcl_run):
     proc = bench(*mcl_run["args"])
     assert proc.returncode == 2 and "a run is already there" in proc.stderr
-    before = {s: e["finished"] for s, e in mcl_run["manifest"]["stages"].items()}
+    before = {s: e["finished"] for s, e in mcl_run["manifest"]["steps"].items()}
     proc = bench(*mcl_run["args"], "--resume", "--matrix")
     assert proc.returncode == 0, proc.stderr
-    stages = json.loads((mcl_run["out"] / "manifest.json").read_text())["stages"]
+    stages = json.loads((mcl_run["out"] / "manifest.json").read_text())["steps"]
     assert {s: e["finished"] for s, e in stages.items()} == before
     again = json.loads((mcl_run["out"] / "mcl.json").read_text())
     assert {n: r["P"] for n, r in again["methods"].items()} == \

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mera_ds.checkpoint import (INDEX_FILE, Checkpoint, ShardedWriter, TensorSpec, plan_shards,
-                                read_header)
+from mera_ds.io.format import INDEX_FILE, TensorSpec
+from mera_ds.io.reader import Checkpoint, read_header
+from mera_ds.io.writer import ShardedWriter, plan_shards
 from mera_ds.config import MergeConfig
 from mera_ds.errors import MeraError
-from mera_ds.stages.merge import BLOCK, READ, merge_llm
+from mera_ds.merge.engine import BLOCK, READ, merge_llm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -363,7 +364,7 @@ def test_a_killed_merge_leaves_nothing_that_looks_complete(tmp_path):
     ft = big_checkpoint(tmp_path / "f", 24, 1024, 1024, 1)
     out = tmp_path / "out"
     code = (f"import sys; sys.path.insert(0, {REPO!r})\n"
-            "from mera_ds.config import MergeConfig\nfrom mera_ds.stages.merge import merge_llm\n"
+            "from mera_ds.config import MergeConfig\nfrom mera_ds.merge.engine import merge_llm\n"
             f"merge_llm({prev!r}, [{ft!r}], {str(out)!r}, MergeConfig(strategy='mera', "
             "shard_size='4MB'), step=2)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
@@ -397,7 +398,7 @@ def test_peak_memory_is_bounded_whatever_the_model_and_shard_size(tmp_path):
         import sys
         sys.path.insert(0, {REPO!r})
         from mera_ds.config import MergeConfig
-        from mera_ds.stages.merge import merge_llm
+        from mera_ds.merge.engine import merge_llm
         def status(key):
             for line in open("/proc/self/status"):
                 if line.startswith(key + ":"):

@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from mera_ds.checkpoint import INDEX_FILE, Checkpoint
+from mera_ds.io.format import INDEX_FILE
+from mera_ds.io.reader import Checkpoint
 from mera_ds.config import MergeConfig
-from mera_ds.stages.merge import merge_llm
+from mera_ds.merge.engine import merge_llm
 
 from .test_merge import state, tiny_llama
 
@@ -41,11 +42,11 @@ def test_process_pool_gives_the_inline_result(inputs, tmp_path):
 
 def test_ray_tasks_give_the_inline_result(inputs, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from mera_ds.dist.merge_actor import merge_on_ray
+    from mera_ds.cluster.merge_actor import merge_on_ray
 
     models, reference = inputs
     monkeypatch.setenv("PYTHONPATH", REPO)  # Ray workers import mera_ds from the checkout
-    from mera_ds.dist.cluster import connect
+    from mera_ds.cluster.connect import connect
 
     connect(None, num_cpus=2)  # a local instance on loopback
     try:

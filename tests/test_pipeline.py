@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from mera_ds.config import parse_config
-from mera_ds.manifest import Manifest
 from mera_ds.errors import MeraError
-from mera_ds.layout import RunLayout
+from mera_ds.run.layout import RunLayout
+from mera_ds.run.manifest import Manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -45,12 +45,12 @@ def test_killed_run_resumes_without_redoing_finished_stages(tiny_config, tmp_pat
     proc, lines = mera_run(path), []
     for line in proc.stdout:
         lines.append(line)
-        if "finetune/video step" in line:
+        if "02-video/finetune step" in line:
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait()
     time.sleep(2)
-    first = json.loads(open(layout.manifest).read())["stages"]
+    first = json.loads(open(layout.manifest).read())["steps"]
     assert "01-image/evaluate" in first and "02-video/finetune" not in first, "".join(lines)
     stage1 = {p: os.path.getmtime(p) for p in
               [os.path.join(layout.finetune_llm("image"), "config.json"),
@@ -62,7 +62,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(tiny_config, tmp_pat
     for name in first:
         assert f"{name}: done earlier, skipped" in out
     assert all(os.path.getmtime(p) == t for p, t in stage1.items())  # not recomputed
-    final = json.loads(open(layout.manifest).read())["stages"]
+    final = json.loads(open(layout.manifest).read())["steps"]
     assert set(final) == set(first) | {"02-video/finetune", "02-video/replay", "02-video/merge",
                                        "02-video/realign", "02-video/evaluate"}
     assert final["01-image/finetune"] == first["01-image/finetune"]
@@ -77,6 +77,6 @@ def test_killed_run_resumes_without_redoing_finished_stages(tiny_config, tmp_pat
     cfg["stages"]["finetune"]["steps"] = 9
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(MeraError, match=r"stages\.finetune\.steps was 8, is 9"):
-        Manifest.open(parse_config(cfg), resume=True)
+        Manifest.open(layout, parse_config(cfg), "mera", resume=True)
     with pytest.raises(MeraError, match="add --resume"):
-        Manifest.open(parse_config(cfg), resume=False)
+        Manifest.open(layout, parse_config(cfg), "mera", resume=False)

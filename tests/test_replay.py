@@ -9,7 +9,8 @@ import pytest
 from mera_ds import storage
 from mera_ds.data import replay
 from mera_ds.data.replay import sample_replay
-from mera_ds.data.shards import expand_shards, make_loader, raw_samples, read_samples
+from mera_ds.data.loader import make_loader, read_samples
+from mera_ds.data.tar import expand_shards, raw_samples
 from mera_ds.data.synth import synth_samples
 from mera_ds.data.writer import write_shards
 from mera_ds.errors import MeraError

@@ -7,7 +7,7 @@ from PIL import Image
 
 from mera_ds.cli import main
 from mera_ds.errors import MeraError
-from mera_ds.report import build_report, format_matrix, write_report
+from mera_ds.run.report import build_report, format_matrix, write_report
 from mera_ds.storage import read_json
 
 SCORES = {  # stage -> scores after it
@@ -24,16 +24,19 @@ LOSSES = {"01-image-finetune": [3.0, 2.0, 1.5], "01-image-realign": [1.2, 1.0],
 
 
 def make_run(root, stages=("image", "video", "audio"), evaluated=None):
-    """A run directory as the pipeline leaves it: stage dirs, metrics.json, TensorBoard logs."""
+    """A run directory as a run leaves it: manifest, stage dirs, metrics.json, TensorBoard logs."""
     from torch.utils.tensorboard import SummaryWriter
 
     evaluated = stages if evaluated is None else evaluated
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps(
+        {"version": 2, "order": list(stages), "method": "mera", "config": {}, "steps": {}}))
     for k, modality in enumerate(stages, 1):
         stage = root / "stages" / f"{k:02d}-{modality}"
         (stage / "finetune").mkdir(parents=True)
         if modality in evaluated:
             learned = stages[:k]
-            metrics = {"stage": modality, "scores": {m: SCORES[modality][m] for m in learned},
+            metrics = {"modality": modality, "scores": {m: SCORES[modality][m] for m in learned},
                        "samples": {m: 20 for m in learned},
                        "examples": {m: [[f"{m}-eval-000000", "left", "left"],
                                         [f"{m}-eval-000001", "up", "down"]] for m in learned}}
@@ -132,15 +135,16 @@ def test_missing_run_or_no_stages_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and missing in err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MeraError, match="empty: no stages"):
+    with pytest.raises(MeraError, match="empty: no manifest.json; not a run directory"):
         build_report(str(tmp_path / "empty"))
 
 
 def test_metrics_of_another_stage_is_an_error(tmp_path):
     run = make_run(tmp_path / "run", stages=("image",))
     (tmp_path / "run" / "stages" / "01-image" / "eval" / "metrics.json").write_text(
-        json.dumps({"stage": "video", "scores": {"video": 1.0}}))
-    with pytest.raises(MeraError, match="01-image/eval/metrics.json: stage 'video'"):
+        json.dumps({"modality": "video", "scores": {"video": 1.0}}))
+    with pytest.raises(MeraError, match="01-image/eval/metrics.json: modality 'video', its stage "
+                                        "is 01-image"):
         build_report(run)
 
 

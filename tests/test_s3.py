@@ -5,7 +5,8 @@ import s3fs
 
 from mera_ds.cli import main
 from mera_ds.data.inspect import inspect_shards
-from mera_ds.data.shards import expand_shards, make_loader, read_samples
+from mera_ds.data.loader import make_loader, read_samples
+from mera_ds.data.tar import expand_shards
 from mera_ds.data.synth import synth_dataset
 from mera_ds.errors import MeraError
 

@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from mera_ds.config import parse_config
-from mera_ds.layout import RunLayout
+from mera_ds.run.layout import RunLayout
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +58,8 @@ def test_ray_job_submit_runs_a_small_run(tiny_config, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out
     layout = RunLayout.of(parse_config(cfg))
-    stages = json.loads(open(layout.manifest).read())["stages"]
-    assert set(stages) == {"01-image/finetune", "01-image/replay", "01-image/realign",
-                           "01-image/evaluate"}
+    steps = json.loads(open(layout.manifest).read())["steps"]
+    assert set(steps) == {"01-image/finetune", "01-image/replay", "01-image/realign",
+                          "01-image/evaluate"}
     assert "BRG after 1 evaluated stage" in out
     assert os.path.exists(os.path.join(layout.report_dir, "report.md"))

@@ -9,20 +9,20 @@ import torch
 from safetensors.torch import load_file
 
 from mera_ds.config import parse_config
-from mera_ds.layout import RunLayout
+from mera_ds.run.layout import RunLayout
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(cfg: dict, stage: str, modality: str, out, env=None, check=True):
+def torchrun(cfg: dict, phase: str, modality: str, out, env=None, check=True):
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(ROOT, "tests", "dist_job.py"), path, stage, modality, str(out)]
+           os.path.join(ROOT, "tests", "dist_job.py"), path, phase, modality, str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
                                "OMP_NUM_THREADS": "1", **(env or {})})
@@ -132,7 +132,7 @@ def test_hung_rank_times_out_naming_stage_and_rank(tiny_config, tmp_path):
     proc = torchrun(cfg, "finetune", "image", tmp_path, env={"TEST_SLEEP_RANK": "1"},
                     check=False)
     assert proc.returncode != 0
-    assert "stage finetune/image: rank 0: a collective failed or timed out" in proc.stderr
+    assert "01-image/finetune: rank 0: a collective failed or timed out" in proc.stderr
     assert time.time() - t0 < 120
     assert not os.path.exists(RunLayout.of(parse_config(cfg)).finetune_llm("image"))
 
@@ -190,7 +190,8 @@ def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
 
 
 def test_deepspeed_launcher_runs_the_stage_module(tiny_config, tmp_path):
-    """The third way to run a stage: `deepspeed --module mera_ds.stages.finetune` (2 ranks)."""
+    """The third way to run a step: `deepspeed --module mera_ds stage finetune` (2 ranks), which
+    records it in the run's manifest as `mera run` would."""
     cfg = small(tiny_config, steps=4)
     path = tmp_path / "config.yaml"
     import yaml
@@ -198,7 +199,8 @@ def test_deepspeed_launcher_runs_the_stage_module(tiny_config, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         "--module", "mera_ds.stages.finetune", "--config", str(path), "--modality", "image"],
+         "--module", "mera_ds", "stage", "finetune", "--config", str(path), "--modality", "image",
+         "--executor", "local"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -206,3 +208,5 @@ def test_deepspeed_launcher_runs_the_stage_module(tiny_config, tmp_path):
     assert hf_tensors(layout.finetune_llm("image"))
     assert os.path.exists(layout.finetune_connector("image"))
     assert not os.path.exists(layout.train_state("image", "finetune"))  # resume state cleared
+    steps = json.loads(open(layout.manifest).read())["steps"]
+    assert list(steps) == ["01-image/finetune"] and steps["01-image/finetune"]["result"]["loss"]

@@ -12,10 +12,38 @@ from mera_ds.errors import MeraError
 COMMANDS = ["config", "shards", "run", "stage", "merge", "report", "bench"]
 
 
+EXECUTORS = ("ray", "local")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """--run and --ray-address: where a run's artifacts go and which cluster runs it."""
+    """--run, --executor and --ray-address: where a run's artifacts go and what runs its steps."""
     p.add_argument("--run", help="run directory (default: the config's run_dir)")
+    p.add_argument("--executor", choices=EXECUTORS, default="ray",
+                   help="ray: training steps as Ray Train jobs, the rest as Ray tasks (default); "
+                        "local: every step in this process (one device, or each rank of a "
+                        "deepspeed/torchrun launch)")
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS or a local instance)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="training steps between resume checkpoints (default: a quarter)")
+
+
+def execute_steps(args, cfg, steps, resume: bool):
+    """Run `steps` of the run in cfg.run_dir with the executor of --executor, recording them in
+    the run's manifest; returns the manifest (results, and timings of the steps run now)."""
+    from mera_ds.run.layout import RunLayout
+    from mera_ds.run.local import execute, run_step
+    from mera_ds.run.manifest import Manifest
+
+    manifest = Manifest.open(RunLayout.of(cfg), cfg, "mera", resume)
+    if args.executor == "local":
+        def executor(c, step):
+            return run_step(c, step, args.checkpoint_every)
+    else:
+        from mera_ds.cluster.executor import RayExecutor
+
+        executor = RayExecutor(cfg, args.checkpoint_every)
+    execute(cfg, steps, manifest, executor)
+    return manifest
 
 
 def run_config(args):
@@ -32,6 +60,9 @@ def run_config(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mera", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes each rank --local_rank=N before the sub-command (and also
+    # sets LOCAL_RANK, which is what is used).
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"mera_ds.cli.{name}").register(sub)

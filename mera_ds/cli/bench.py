@@ -1,4 +1,4 @@
-"""`mera bench mcl`: the MCL benchmark (mera_ds.mcl) on one order and seed, and
+"""`mera bench mcl`: the MCL benchmark (mera_ds.run.mcl) on one order and seed, and
 `mera bench mcl-summary`: mean and spread over several of its JSON results."""
 import os
 
@@ -28,7 +28,7 @@ def register(sub):
 
 def _mcl(args):
     from mera_ds.config import load_config
-    from mera_ds.mcl import bench_config, format_table, plot, run_mcl
+    from mera_ds.run.mcl import bench_config, format_table, plot, run_mcl
     from mera_ds.storage import join, write_json
 
     cfg = load_config(args.config)
@@ -46,7 +46,7 @@ def _mcl(args):
 
 
 def _summary(args):
-    from mera_ds.mcl import summarize
+    from mera_ds.run.mcl import summarize
     from mera_ds.storage import read_json
 
     print(summarize([read_json(p) for p in args.results]))

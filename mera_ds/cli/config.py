@@ -12,7 +12,7 @@ def register(sub):
 
 def _check(args):
     cfg = load_config(args.config)
-    print(f"{args.config}: ok (hash {cfg.config_hash()})")
+    print(f"{args.config}: ok (digest {cfg.digest()})")
     print(f"  run_dir: {cfg.run_dir}")
     print(f"  llm: {cfg.llm.path or 'built-in tiny Llama'} ({cfg.llm.dtype})")
     for i, m in enumerate(cfg.modalities, 1):

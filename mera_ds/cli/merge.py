@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 
+import argparse
+
+
 def register(sub) -> None:
+    from mera_ds.merge.strategies import STRATEGIES
+
     p = sub.add_parser(
-        "merge", help="merge LLM checkpoints (MERA, linear, task arithmetic, TIES, DARE)",
+        "merge", help=f"merge LLM checkpoints ({', '.join(STRATEGIES)})",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stream-merge HF-layout safetensors LLM directories, tensor by tensor, into "
-                    "a new directory that appears only when complete.")
-    p.add_argument("--strategy", default="mera",
-                   choices=["mera", "linear", "task_arithmetic", "ties", "dare"])
+                    "a new directory that appears only when complete.\n\nstrategies:\n" +
+                    "\n".join(f"  {n:<16} {s.summary}" for n, s in STRATEGIES.items()))
+    p.add_argument("--strategy", default="mera", choices=list(STRATEGIES))
     p.add_argument("--prev", required=True, metavar="DIR",
                    help="theta_{i-1}: the previous stage's LLM (the base of the deltas)")
     p.add_argument("--finetuned", required=True, action="extend", nargs="+", metavar="DIR",
@@ -36,7 +42,7 @@ def _run(args) -> int:
 
     from mera_ds.config import MergeConfig
     from mera_ds.errors import MeraError
-    from mera_ds.stages.merge import merge_llm
+    from mera_ds.merge.engine import merge_llm
 
     fields = {"strategy": args.strategy, "weights": args.weights, "lam": args.lam,
               "density": args.density, "drop_p": args.drop_p, "seed": args.seed,

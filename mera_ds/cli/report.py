@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from mera_ds.report import build_report, format_text, write_report
+    from mera_ds.run.report import build_report, format_text, write_report
 
     report = build_report(args.run)
     path = write_report(args.run, report)

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from mera_ds import storage
-from mera_ds.data.shards import CorruptDataError, expand_shards, raw_samples
+from mera_ds.data.tar import CorruptDataError, expand_shards, raw_samples
 from mera_ds.errors import MeraError
 
 

@@ -1,7 +1,7 @@
 """Replay sampling: r% of a modality's training samples, kept for realigning its connector later.
 
 After modality i's finetune, exactly round(r * N_i) of its N_i training samples are drawn uniformly
-without replacement and copied, byte for byte, into replay shards (RunLayout.replay_dir). Two
+without replacement and copied, byte for byte, into replay shards (a run's RunLayout.replay_dir). Two
 passes over the training shards (list the keys, then copy the chosen samples), so only the keys are
 ever held in memory, never the samples.
 """
@@ -12,10 +12,11 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from mera_ds import storage
-from mera_ds.data.shards import expand_shards, raw_samples
+from mera_ds.data.tar import expand_shards, raw_samples
 from mera_ds.data.writer import write_shards
 from mera_ds.errors import MeraError
 
@@ -25,6 +26,23 @@ log = logging.getLogger("mera_ds.data")
 DEFAULT_NUM_SHARDS = 2
 REPLAY_PREFIX = "replay"
 MANIFEST = "replay.json"
+
+
+@dataclass(frozen=True)
+class ReplaySet:
+    """Training data named by a replay directory, read when a job starts (an earlier step writes
+    it): its shards, weighed by their sample count, or (`source`) the training set it was drawn
+    from, weighed by that set's size."""
+
+    dir: str
+    source: bool = False
+
+    def resolve(self) -> tuple[str, float]:
+        """(shard pattern, mixing weight)."""
+        info = storage.read_json(storage.join(self.dir, MANIFEST))
+        if self.source:
+            return info["source"], float(info["source_samples"])
+        return info["pattern"], float(info["samples"])
 
 
 def _digest(keys: list[str]) -> str:

@@ -22,7 +22,7 @@ from mera_ds.errors import MeraError
 
 log = logging.getLogger("mera_ds.data")
 
-# The tar member extension of each input kind (the standard WebDataset ones; see COMMON.md).
+# The tar member extension of each input kind (the standard WebDataset ones; see docs/DATA.md).
 INPUT_EXTENSIONS = {"image": "png", "video": "video.npy", "audio": "wav", "depth": "depth.npy",
                     "features": "feat.npy"}
 

@@ -1,6 +1,6 @@
 """Frozen modality encoders: a decoded sample -> a fixed number of feature tokens.
 
-Each encoder turns one decoded sample (COMMON.md) into a fixed-shape tensor with `preprocess`, and
+Each encoder turns one decoded sample (docs/DATA.md) into a fixed-shape tensor with `preprocess`, and
 a batch of those into (B, num_tokens, out_dim) features with `forward`. Encoders are never trained:
 parameters are frozen, the module stays in eval mode, and forward runs without autograd.
 
@@ -18,11 +18,6 @@ from torch import nn
 from mera_ds.config import EncoderConfig
 from mera_ds.errors import MeraError
 from mera_ds.model import tiny
-
-# Encoder options that are not fields of the HF tower's config; they may be set in `tiny`
-# for built-in and pretrained encoders alike.
-INPUT_KIND = {"clip_vision": "image", "video": "video", "whisper": "audio", "depth": "depth",
-              "precomputed": "features"}
 
 
 class Encoder(nn.Module):

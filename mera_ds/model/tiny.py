@@ -20,7 +20,7 @@ from mera_ds.errors import MeraError
 PLACEHOLDER = "<modality>"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", PLACEHOLDER]
 
-# The template's words and the four built-in tasks (COMMON.md): every one is a single token.
+# The template's words and the four built-in tasks (docs/DATA.md): every one is a single token.
 TEMPLATE_WORDS = ["user", "assistant"]
 TASK_WORDS = (
     "what digit is shown in the image which way does move video note played audio shape depth map "

@@ -1,24 +1,12 @@
-"""The merge stage: theta_i from theta_{i-1} and the fine-tuned LLM(s), streamed tensor by tensor.
+"""The merge engine: theta_i from theta_{i-1} and the fine-tuned LLM(s), streamed tensor by tensor.
 
 What is merged: the inputs are LLM directories (HF layout), so every floating-point tensor in
 them is an LLM tensor (embeddings, decoder layers, final norm, lm_head) and is merged; encoders and
-connectors live elsewhere and never reach this stage. A non-floating tensor (an integer buffer)
+connectors live elsewhere and never reach a merge. A non-floating tensor (an integer buffer)
 cannot be averaged: it is copied from theta_{i-1} untouched.
 
-Strategies are per-tensor functions computed in fp32 and stored in the input dtype:
-- mera: theta_{i-1} + (theta_ft_i - theta_{i-1}) / i, step i >= 2, one fine-tuned model (the
-  paper's Eq. 4.1: a uniform running average of the per-modality LLMs);
-- linear: sum_k w_k x_k / sum_k w_k over x = (prev, *finetuned) (model soups; equal weights by
-  default);
-- task_arithmetic: prev + lam * sum_k (ft_k - prev);
-- ties: each delta trimmed to its top `density` fraction by magnitude (elements with |d| >= the
-  k-th largest |d|, k = max(1, floor(density * n))), the sign elected per element as the sign of
-  the sum of trimmed deltas, the disjoint mean (mean of the trimmed deltas that agree with it,
-  zeros excluded), then prev + lam * merged;
-- dare: each delta element dropped with probability p and the rest scaled by 1 / (1 - p), then
-  prev + lam * sum. The random mask of model k on block j of tensor `name` is drawn from a
-  generator seeded by (seed, name, k, j), blocks being fixed runs of BLOCK elements: the result
-  does not depend on the shard plan, the number of workers or the order of work.
+Strategies (mera_ds.merge.strategies) are per-tensor functions computed in fp32 and stored in the
+input dtype.
 
 Checks before anything is written (each a one-line MeraError naming the tensor and the file):
 every fine-tuned LLM holds exactly the tensors of theta_{i-1}, with the same shapes and dtypes.
@@ -30,12 +18,12 @@ missing on one side).
 Memory: elementwise strategies (all but ties) read pieces of READ elements and merge them in
 blocks of BLOCK, so a worker holds two pieces of each input (one read ahead while the other is
 merged) and two of the output: 2 x (K + 2) x READ x itemsize, whatever the size of the model, of
-its tensors or of the output shards (planned up front and streamed to disk, mera_ds.checkpoint).
+its tensors or of the output shards (planned up front and streamed to disk, mera_ds.io.writer).
 ties needs whole tensors (its top-k is over a whole delta): about (K + 3) x the largest tensor in
 fp32 on top of that.
 
 Fan-out: the output shards are the units of work. Standalone they run inline (workers=1) or in a
-local process pool; in a Ray run the merge actor (mera_ds.dist.merge_actor) hands groups of them to
+local process pool; in a Ray run the merge actor (mera_ds.cluster.merge_actor) hands groups of them to
 Ray tasks through `map_jobs`. A shard is computed the same way wherever it runs, so the result is
 identical, bit for bit.
 """
@@ -43,163 +31,28 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import hashlib
 import logging
 import multiprocessing
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
 from mera_ds import storage
-from mera_ds.checkpoint import (CONFIG_FILE, Checkpoint, ShardFileWriter, ShardPlan, TensorSpec,
-                                copy_aux_files, index_of, plan_shards, write_index)
 from mera_ds.config import MergeConfig, parse_size
 from mera_ds.errors import MeraError
+from mera_ds.io.format import CONFIG_FILE, TensorSpec
+from mera_ds.io.reader import Checkpoint
+from mera_ds.io.writer import (ShardFileWriter, ShardPlan, copy_aux_files, index_of, plan_shards,
+                               write_index)
+from mera_ds.merge.strategies import BLOCK, Strategy, make_strategy
 
 log = logging.getLogger(__name__)
 
-# Elements of one tensor merged at once by an elementwise strategy: 64K fp32 values of each input
-# stay in the CPU's cache through the chain of operations (about 3x faster than whole tensors).
-# Part of the definition of dare's random masks (see the module doc): changing it changes dare.
-BLOCK = 1 << 16
 # Elements of one tensor read from each input at once (a multiple of BLOCK): 4 MB of bf16.
 READ = 32 * BLOCK
-
-
-# --- strategies ----------------------------------------------------------------------------------
-
-class Strategy:
-    """A per-tensor merge: fp32 inputs (theta_{i-1} and the fine-tuned tensors, flat blocks or
-    whole tensors) -> the fp32 merged tensor. The inputs are scratch copies: a strategy may
-    overwrite them (and return one of them), which keeps the merge free of allocations."""
-
-    name: ClassVar[str]
-    # True: element e of the output depends on element e of the inputs only, so any block of a
-    # tensor can be merged on its own.
-    elementwise: ClassVar[bool] = True
-
-    def __init__(self, cfg: MergeConfig, n_finetuned: int, step: Optional[int]):
-        if n_finetuned < 1:
-            raise MeraError(f"merge strategy {self.name}: needs at least one fine-tuned LLM")
-        self.cfg, self.n_finetuned, self.step = cfg, n_finetuned, step
-
-    def merge(self, name: str, block: int, prev: torch.Tensor,
-              finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`block`: which run of BLOCK elements of tensor `name` this is (elementwise
-        strategies); 0 for whole tensors."""
-        raise NotImplementedError
-
-
-class Mera(Strategy):
-    name = "mera"
-
-    def __init__(self, cfg, n_finetuned, step):
-        super().__init__(cfg, n_finetuned, step)
-        if n_finetuned != 1:
-            raise MeraError(f"merge strategy mera: takes one fine-tuned LLM, got {n_finetuned}")
-        if step is None or step < 2:
-            raise MeraError(f"merge strategy mera: step must be >= 2 (the stage being merged), "
-                            f"got {step}")
-
-    def merge(self, name, block, prev, finetuned):
-        # theta_{i-1} + (theta_ft_i - theta_{i-1}) / i, in this order of operations.
-        return finetuned[0].sub_(prev).div_(self.step).add_(prev)
-
-
-class Linear(Strategy):
-    name = "linear"
-
-    def __init__(self, cfg, n_finetuned, step):
-        super().__init__(cfg, n_finetuned, step)
-        n = n_finetuned + 1
-        weights = cfg.weights if cfg.weights is not None else [1.0] * n
-        if len(weights) != n:
-            raise MeraError(f"merge strategy linear: {len(weights)} weights for {n} models "
-                            f"(the previous LLM and {n_finetuned} fine-tuned)")
-        total = sum(weights)
-        if total == 0:
-            raise MeraError("merge strategy linear: the weights sum to 0")
-        self.weights = [w / total for w in weights]
-
-    def merge(self, name, block, prev, finetuned):
-        out = prev.mul_(self.weights[0])
-        for w, x in zip(self.weights[1:], finetuned):
-            out.add_(x, alpha=w)
-        return out
-
-
-class TaskArithmetic(Strategy):
-    name = "task_arithmetic"
-
-    def delta(self, name: str, block: int, k: int, x: torch.Tensor,
-              prev: torch.Tensor) -> torch.Tensor:
-        """The task vector of fine-tuned model k (in place of x)."""
-        return x.sub_(prev)
-
-    def merge(self, name, block, prev, finetuned):
-        total = self.delta(name, block, 0, finetuned[0], prev)
-        for k, x in enumerate(finetuned[1:], 1):
-            total.add_(self.delta(name, block, k, x, prev))
-        return total.mul_(self.cfg.lam).add_(prev)
-
-
-class Dare(TaskArithmetic):
-    name = "dare"
-
-    def generator(self, name: str, k: int, block: int) -> torch.Generator:
-        key = f"{self.cfg.seed}\0{name}\0{k}\0{block}".encode()
-        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
-
-    def delta(self, name, block, k, x, prev):
-        delta = x.sub_(prev)
-        p = self.cfg.drop_p
-        if p > 0:
-            keep = torch.rand(delta.shape, generator=self.generator(name, k, block)) >= p
-            delta.mul_(keep).div_(1 - p)
-        return delta
-
-
-class Ties(Strategy):
-    name = "ties"
-    elementwise = False
-
-    def merge(self, name, block, prev, finetuned):
-        n = prev.numel()
-        k = max(1, int(self.cfg.density * n))
-        trimmed = []
-        for x in finetuned:
-            delta = x.sub_(prev)
-            if k < n:
-                magnitude = delta.abs()
-                threshold = magnitude.reshape(-1).kthvalue(n - k + 1).values
-                delta.mul_(magnitude >= threshold)
-                del magnitude
-            trimmed.append(delta)
-        sign = torch.sign(sum(trimmed))
-        total = torch.zeros_like(prev)
-        count = torch.zeros_like(prev)
-        for delta in trimmed:
-            agree = (torch.sign(delta) == sign) & (delta != 0)
-            total.add_(delta * agree)
-            count.add_(agree)
-        return total.div_(count.clamp_(min=1)).mul_(self.cfg.lam).add_(prev)
-
-
-STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Mera, Linear, TaskArithmetic, Ties, Dare)}
-
-
-def make_strategy(cfg: MergeConfig, n_finetuned: int, step: Optional[int] = None) -> Strategy:
-    try:
-        cls = STRATEGIES[cfg.strategy]
-    except KeyError:
-        raise MeraError(f"unknown merge strategy {cfg.strategy!r} "
-                        f"(one of {', '.join(STRATEGIES)})") from None
-    return cls(cfg, n_finetuned, step)
 
 
 # --- the plan ------------------------------------------------------------------------------------

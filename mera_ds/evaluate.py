@@ -1,9 +1,9 @@
 """evaluate: every learned modality on (theta_i, realigned connectors) -> row i of the performance
 matrix P, and the Backward Relative Gain (BRG) over the rows.
 
-`evaluate` is a stage function (config, input artifacts) -> result dict; it writes nothing.
-`write_metrics` stores that result at RUN/stages/NN-<modality>/eval/metrics.json. Single process:
-greedy generation on one device; the tiny model on CPU takes seconds.
+`evaluate` is a function (config, input artifacts) -> result dict; it writes nothing (the plan's
+evaluate step stores the result as the stage's eval/metrics.json). Single process: greedy
+generation on one device; the tiny model on CPU takes seconds.
 
 Metrics are per task (ModalityConfig.task.metric names one in METRICS): a function of
 (predictions, answers) -> score in [0, 1].
@@ -17,13 +17,11 @@ from typing import Callable, Sequence
 import torch
 
 from mera_ds.config import RunConfig
-from mera_ds.data.shards import read_samples
+from mera_ds.data.loader import read_samples
 from mera_ds.errors import MeraError
-from mera_ds.layout import RunLayout
 from mera_ds.model.connectors import load_connector
 from mera_ds.model.llm import build_llm
 from mera_ds.model.mllm import Collator, build_mllm
-from mera_ds.storage import write_json
 
 log = logging.getLogger("mera_ds.evaluate")
 
@@ -54,13 +52,13 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
     """Score every modality learned up to stage `modality` with the LLM of `llm_dir` (theta_i)
     and the connector files in `connectors` ({learned modality: file}, exactly the learned ones).
 
-    Returns {"stage": modality, "scores": {m: score}, "samples": {m: n},
+    Returns {"modality": modality, "scores": {m: score}, "samples": {m: n},
     "examples": {m: [[key, prediction, answer], ...first 3]}}."""
-    layout = RunLayout.of(cfg)
-    if modality not in layout.order:
+    order = [m.name for m in cfg.modalities]
+    if modality not in order:
         raise MeraError(f"evaluate: modality {modality!r} is not in the config "
-                        f"({', '.join(layout.order)})")
-    learned = list(layout.learned(modality))
+                        f"({', '.join(order)})")
+    learned = order[:order.index(modality) + 1]
     if set(connectors) != set(learned):
         raise MeraError(f"evaluate {modality}: connectors given for {sorted(connectors)}, the "
                         f"stage has learned {learned}")
@@ -72,7 +70,7 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
     collate = Collator(mllm, train=False)
     settings = cfg.stages.eval
 
-    result = {"stage": modality, "scores": {}, "samples": {}, "examples": {}}
+    result = {"modality": modality, "scores": {}, "samples": {}, "examples": {}}
     for name in learned:
         m = cfg.modality(name)
         metric = METRICS.get(m.task.metric)
@@ -113,30 +111,25 @@ def _generate(mllm, collate, samples, max_new_tokens, predictions, answers, keys
     keys.extend(batch["keys"])
 
 
-def write_metrics(url: str, result: dict) -> None:
-    """Store an `evaluate` result (atomically) at `url`, normally RunLayout.eval_metrics(stage)."""
-    write_json(url, result)
-
-
 def performance_matrix(rows: list[dict]) -> tuple[list[str], list[list[float | None]]]:
     """(order, P) from the `evaluate` results of stages 1..T in stage order: order[k] is the
     modality of stage k+1, P[k][i] the score of modality order[i] after that stage (None where
     it was not learned yet)."""
-    order = [row["stage"] for row in rows]
+    order = [row["modality"] for row in rows]
     if len(set(order)) != len(order):
-        raise MeraError(f"performance matrix: a stage appears twice in {order}")
+        raise MeraError(f"performance matrix: a modality appears twice in {order}")
     P = []
     for k, row in enumerate(rows):
         missing = [m for m in order[:k + 1] if m not in row["scores"]]
         if missing:
-            raise MeraError(f"eval of stage {row['stage']}: no score for learned modality "
-                            f"{missing[0]}")
+            raise MeraError(f"eval of stage {k + 1} ({row['modality']}): no score for learned "
+                            f"modality {missing[0]}")
         P.append([row["scores"][m] if i <= k else None for i, m in enumerate(order)])
     return order, P
 
 
 def backward_relative_gain(P: list[list[float | None]], order: Sequence[str]) -> float | None:
-    """BRG after the last stage T (PAPER.md): mean over i < T of P[T][i] / P[i][i] * 100.
+    """BRG after the last stage T (the paper's definition): mean over i < T of P[T][i] / P[i][i] * 100.
 
     None with a single stage (nothing learned before). A modality with P[i][i] == 0 (it never
     learned its task, so no gain relative to it is defined) is left out of the mean with a

@@ -1,27 +1,25 @@
 """The report of a run: the performance matrix P, per-stage averages, the Backward Relative Gain
-and the loss curves, read back from what the stages left under RUN (local or s3://).
+and the loss curves, read back from what the steps left under RUN (local or s3://).
 
-`build_report` only reads: the stage order from RUN/stages/NN-<modality>/, the scores from each
-stage's eval/metrics.json, the losses from the TensorBoard logs under RUN/tensorboard/. A stage
-without metrics.json (a run still going, or one that stopped) is listed as not evaluated; P and
-BRG are over the evaluated stages. `write_report` renders RUN/report/: report.md, report.json,
+`build_report` only reads: the modality order from RUN/manifest.json, and through the run's
+layout the scores from each stage's eval/metrics.json and the losses from the TensorBoard logs of
+its training steps. A stage without metrics.json (a run still going, or one that stopped) is
+listed as not evaluated; P and BRG are over the evaluated stages. `write_report` renders RUN/report/: report.md, report.json,
 performance_matrix.png and loss_curves.png.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 
 from mera_ds.errors import MeraError
-from mera_ds.storage import is_remote, join, read_json, url_to_fs, write_bytes
+from mera_ds.run import manifest
+from mera_ds.run.layout import RunLayout
+from mera_ds.run.plan import TRAINING_PHASES
+from mera_ds.storage import exists, is_remote, join, read_json, url_to_fs, write_bytes
 
-# NN-<modality>; committed_dir's temporaries start with "." and don't match.
-STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
-BOARD_DIR = re.compile(r"^(\d+)-(.+)-([a-z_]+)$")  # NN-<modality>-<stage>
-JOB_ORDER = {"align": 0, "finetune": 1, "realign": 2}  # the order a stage runs its jobs in
 BRG_FORMULA = "BRG = mean over i < T of P[T][i] / P[i][i] * 100"
 
 
@@ -33,28 +31,23 @@ def build_report(run_dir: str) -> dict:
      each P row's learned scores], "brg": float or None, "brg_terms": [[modality, P[T][i],
      P[i][i]]], "samples"/"examples": {modality: ...} of the last evaluated stage,
      "losses": {"01-image-finetune": [[step, loss], ...]}}"""
-    from mera_ds.stages.evaluate import backward_relative_gain, performance_matrix
+    from mera_ds.evaluate import backward_relative_gain, performance_matrix
 
-    run_dir = run_dir.rstrip("/")
-    fs, root = url_to_fs(run_dir)
-    if not fs.isdir(root):
-        raise MeraError(f"{run_dir}: no such run directory")
-    stages = _stage_dirs(fs, root)
-    if not stages:
-        raise MeraError(f"{run_dir}: no stages (no {join(run_dir, 'stages', 'NN-<modality>')})")
-
+    layout = run_layout(run_dir)
     rows, listed = [], []
-    for name, modality in stages:
-        url = join(run_dir, "stages", name, "eval", "metrics.json")
-        evaluated = fs.exists(join(root, "stages", name, "eval", "metrics.json"))
-        listed.append({"stage": name, "modality": modality, "evaluated": evaluated})
+    for modality in layout.order:
+        url = layout.eval_metrics(modality)
+        evaluated = exists(url)
+        listed.append({"stage": layout.stage_name(modality), "modality": modality,
+                       "evaluated": evaluated})
         if not evaluated:
             continue
         row = read_json(url)
         if not isinstance(row, dict) or not isinstance(row.get("scores"), dict):
             raise MeraError(f"{url}: no 'scores' object")
-        if row.get("stage") != modality:
-            raise MeraError(f"{url}: stage {row.get('stage')!r}, its directory says {modality!r}")
+        if row.get("modality") != modality:
+            raise MeraError(f"{url}: modality {row.get('modality')!r}, its stage is "
+                            f"{layout.stage_name(modality)}")
         rows.append(row)
 
     order, P = performance_matrix(rows) if rows else ([], [])
@@ -63,7 +56,7 @@ def build_report(run_dir: str) -> dict:
     T = len(order) - 1
     last = rows[-1] if rows else {}
     return {
-        "run_dir": run_dir,
+        "run_dir": layout.run_dir,
         "stages": listed,
         "order": order,
         "P": P,
@@ -73,8 +66,24 @@ def build_report(run_dir: str) -> dict:
         "brg_terms": [[order[i], P[T][i], P[i][i]] for i in range(T) if P[i][i] != 0],
         "samples": last.get("samples", {}),
         "examples": last.get("examples", {}),
-        "losses": _losses(fs, join(root, "tensorboard")),
+        "losses": _losses(layout),
     }
+
+
+def run_layout(run_dir: str) -> RunLayout:
+    """The layout of the run in `run_dir`, from its manifest."""
+    run_dir = run_dir.rstrip("/")
+    fs, root = url_to_fs(run_dir)
+    if not fs.isdir(root):
+        raise MeraError(f"{run_dir}: no such run directory")
+    url = join(run_dir, "manifest.json")
+    if not exists(url):
+        raise MeraError(f"{run_dir}: no manifest.json; not a run directory")
+    recorded = manifest.read(url)
+    if not isinstance(recorded.about["method"], str):
+        raise MeraError(f"{run_dir}: a benchmark directory (methods "
+                        f"{', '.join(recorded.about['method'])}); its results are in mcl.json")
+    return RunLayout(run_dir, tuple(recorded.about["order"]))
 
 
 def write_report(run_dir: str, report: dict | None = None) -> str:
@@ -183,46 +192,26 @@ def _cell(text: str) -> str:
 
 # --- reading ------------------------------------------------------------------------------------
 
-def _stage_dirs(fs, root: str) -> list[tuple[str, str]]:
-    """[(NN-<modality>, modality)] in stage order."""
-    base = join(root, "stages")
-    if not fs.isdir(base):
-        return []
-    found = []
-    for path in fs.ls(base, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        match = STAGE_DIR.match(name)
-        if match and fs.isdir(path):
-            found.append((int(match.group(1)), name, match.group(2)))
-    return [(name, modality) for _, name, modality in sorted(found)]
-
-
-def _losses(fs, board: str) -> dict[str, list[list[float]]]:
-    """{job directory: [[step, loss], ...]} from every TensorBoard event file under `board`, jobs
+def _losses(layout: RunLayout) -> dict[str, list[list[float]]]:
+    """{TensorBoard directory name: [[step, loss], ...]} of every training step that logged,
     in run order. A resumed job has several event files; a step logged twice keeps the latest."""
-    if not fs.isdir(board):
-        return {}
-    files: dict[str, list[str]] = {}
-    for path in fs.find(board):
-        rel = path[len(board.rstrip("/")) + 1:]
-        job = rel.split("/", 1)[0]
-        if "tfevents" in rel.rsplit("/", 1)[-1] and BOARD_DIR.match(job):
-            files.setdefault(job, []).append(path)
-
-    def run_order(job: str):
-        nn, _, stage = BOARD_DIR.match(job).groups()
-        return int(nn), JOB_ORDER.get(stage, len(JOB_ORDER)), job
-
-    remote = is_remote(fs.unstrip_protocol(board))
+    boards = [layout.tensorboard(m, phase) for m in layout.order for phase in TRAINING_PHASES]
+    fs, _ = url_to_fs(layout.run_dir)
+    remote = is_remote(layout.run_dir)
     curves = {}
     with tempfile.TemporaryDirectory(prefix="mera-tb-") as tmp:
-        for job in sorted(files, key=run_order):
+        for board in boards:
+            path = url_to_fs(board)[1]
+            if not fs.isdir(path):
+                continue
+            job = board.rsplit("/", 1)[-1]
             points: dict[int, tuple[float, float]] = {}  # step -> (wall time, loss)
-            for i, path in enumerate(sorted(files[job])):
-                local = path
+            events = sorted(p for p in fs.find(path) if "tfevents" in p.rsplit("/", 1)[-1])
+            for i, event_file in enumerate(events):
+                local = event_file
                 if remote:
                     local = os.path.join(tmp, f"{job}-{i}.tfevents")
-                    fs.get(path, local)
+                    fs.get(event_file, local)
                 for event in _scalars(local, "loss"):
                     if event.step not in points or event.wall_time >= points[event.step][0]:
                         points[event.step] = (event.wall_time, event.value)

@@ -49,7 +49,8 @@ def gathered(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int
 
 def export_llm(llm, tokenizer, out_url: str, *, shard_size: int, bucket_bytes: int) -> None:
     """Write the (partitioned) LLM to `out_url` in HF layout; collective over all ranks."""
-    from mera_ds.checkpoint import ShardedWriter, TensorSpec, dtype_code
+    from mera_ds.io.format import TensorSpec, dtype_code
+    from mera_ds.io.writer import ShardedWriter
     from mera_ds.model.llm import save_llm_metadata
 
     named = list(llm.named_parameters())  # tied weights appear once; HF re-ties on load

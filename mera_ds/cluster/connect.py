@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-log = logging.getLogger("mera_ds.dist")
+log = logging.getLogger("mera_ds.cluster")
 
 # Passed to every Ray worker unless the user's environment already sets them.
 WORKER_ENV = ("DS_ACCELERATOR", "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",

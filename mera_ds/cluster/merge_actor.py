@@ -1,6 +1,6 @@
 """The merge actor: runs the merge stage on a Ray cluster, its output shards fanned out to tasks.
 
-The actor plans the merge and commits the output (mera_ds.stages.merge.merge_llm); each group of
+The actor plans the merge and commits the output (mera_ds.merge.engine.merge_llm); each group of
 output shards is merged and written by a Ray task (one CPU each), so a large LLM is merged by as
 many processes as the cluster gives. Every shard is computed by the same code as in a local run,
 so the output is identical.
@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mera_ds import storage
 from mera_ds.config import MergeConfig
-from mera_ds.stages.merge import MergeJob, MergeReport, merge_llm, merge_shards
+from mera_ds.merge.engine import MergeJob, MergeReport, merge_llm, merge_shards
 
 log = logging.getLogger(__name__)
 

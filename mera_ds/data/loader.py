@@ -1,51 +1,31 @@
-"""Reading WebDataset shards from local paths and s3:// URLs into decoded samples.
+"""The training and evaluation loaders over WebDataset shards (local or s3://).
 
 Each rank reads its own shards (explicit node splitter), each DataLoader worker its part of those;
 training streams resample shards forever and are cut into a fixed number of batches per rank, so
-every rank takes the same number of steps however the shards differ in size.
-
-webdataset composes the pipeline (batching, epochs); the tar reading and decoding are ours because
-webdataset's tar iterator ends quietly at a bad header and its errors lose the shard and sample
-names. Every bad shard or sample either stops with a one-line MeraError naming the shard URL and
-the sample key, or (on_corrupt="skip") is dropped, counted and logged.
+every rank takes the same number of steps however the shards differ in size. webdataset composes
+the pipeline (shuffling, batching, epochs); shards are read by mera_ds.data.tar and decoded by
+mera_ds.data.decode. Every bad shard or sample either stops with a one-line MeraError naming the
+shard URL and the sample key, or (on_corrupt="skip") is dropped, counted and logged.
 """
 from __future__ import annotations
 
-import glob
-import io
 import itertools
-import json
 import logging
 import math
 import multiprocessing
 import random
-import re
-import tarfile
-import zlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
-import braceexpand
-import numpy as np
 import torch.utils.data
 import webdataset as wds
 
-from mera_ds import storage
+from mera_ds.data.decode import decode_sample
+from mera_ds.data.tar import CorruptDataError, expand_shards, rank_shards, raw_samples
 from mera_ds.errors import MeraError
 
 log = logging.getLogger("mera_ds.data")
 
-# Tar member extension of each input field -> input_kind of the decoded sample (COMMON.md).
-INPUT_KINDS = {"png": "image", "jpg": "image", "jpeg": "image", "video.npy": "video",
-               "wav": "audio", "flac": "audio", "depth.npy": "depth", "feat.npy": "features"}
 ON_CORRUPT = ("error", "skip")
-
-
-class CorruptDataError(MeraError):
-    """A shard or sample that cannot be read; `kind` is "shard" or "sample"."""
-
-    def __init__(self, message: str, kind: str = "sample"):
-        super().__init__(message)
-        self.kind = kind
 
 
 class SkipCounter:
@@ -70,167 +50,6 @@ class SkipCounter:
             self._counts[0 if err.kind == "sample" else 1] += 1
         log.warning("skipped corrupt %s (%d samples, %d shards skipped so far): %s",
                     err.kind, self.samples, self.shards, err)
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """The shard URLs of a brace pattern ("dir/train-{000000..000003}.tar"); parts with glob
-    wildcards are listed from storage. Fails if nothing matches."""
-    if not pattern or not pattern.strip():
-        raise MeraError("empty shard pattern")
-    try:
-        parts = list(braceexpand.braceexpand(pattern))
-    except braceexpand.UnbalancedBracesError:
-        raise MeraError(f"{pattern}: unbalanced braces in shard pattern") from None
-    urls = []
-    for part in parts:
-        if not glob.has_magic(part):
-            urls.append(part)
-            continue
-        fs, path = storage.url_to_fs(part)
-        scheme = part.split("://", 1)[0] + "://" if storage.is_remote(part) else ""
-        urls.extend(scheme + p for p in sorted(fs.glob(path)))
-    if not urls:
-        raise MeraError(f"{pattern}: no shards matched")
-    return urls
-
-
-def rank_shards(pattern: str, urls: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The shards of one rank: disjoint across ranks, together all of them."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise MeraError(f"bad rank {rank} for world size {world_size}")
-    if len(urls) < world_size:
-        raise MeraError(f"{pattern}: {len(urls)} shard(s) for {world_size} ranks; every rank "
-                        "needs a shard of its own (write more, smaller shards)")
-    return list(urls[rank::world_size])
-
-
-def _base_plus_ext(name: str) -> tuple[str | None, str | None]:
-    """("dir/key", "video.npy") from "dir/key.video.npy": the key ends at the first dot."""
-    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    return (m.group(1), m.group(2).lower()) if m else (None, None)
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile ends an archive quietly at a missing, short or garbled header, so a truncated shard
-    would just look shorter; only a real end-of-archive block ends it here."""
-
-    @classmethod
-    def fromtarfile(cls, tf):
-        try:
-            return super().fromtarfile(tf)
-        except tarfile.EOFHeaderError:
-            raise
-        except tarfile.HeaderError as e:
-            raise tarfile.ReadError(f"{e} at byte {tf.offset} (truncated or not a tar)") from None
-
-
-def raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The undecoded samples of one shard: {"__key__", "__url__", <extension>: bytes, ...}.
-
-    Raises CorruptDataError (kind "shard") naming the shard and the sample being read when the tar
-    is truncated or malformed; a missing shard is a plain MeraError.
-    """
-    key = None
-    current: dict[str, Any] | None = None
-    try:
-        with storage.open_url(url, "rb") as f, \
-                tarfile.open(fileobj=f, mode="r|*", tarinfo=_StrictTarInfo) as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                prefix, ext = _base_plus_ext(member.name)
-                if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
-                    continue  # not a sample member (webdataset's __meta__ convention)
-                key = prefix
-                if current is not None and current["__key__"] != prefix:
-                    yield current  # complete: hand it on before reading further
-                    current = None
-                if current is None:
-                    current = {"__key__": prefix, "__url__": url}
-                data = tar.extractfile(member).read()
-                if ext in current:
-                    raise CorruptDataError(f"{url}: sample {prefix!r}: duplicate member {ext!r}",
-                                           kind="shard")
-                current[ext] = data
-    except FileNotFoundError:
-        raise MeraError(f"{url}: no such shard") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        where = f"at sample {key!r}" if key else "before its first sample"
-        raise CorruptDataError(f"{url}: corrupt or unreadable shard {where}: {e}",
-                               kind="shard") from None
-    if current is not None:
-        yield current
-
-
-def _decode_field(ext: str, data: bytes) -> tuple[np.ndarray, int | None]:
-    if ext in ("png", "jpg", "jpeg"):
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-            return np.asarray(img, dtype=np.uint8), None
-    if ext in ("wav", "flac"):
-        import soundfile
-
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return audio.mean(axis=1), int(rate)  # mono: the audio encoders take one channel
-    arr = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle data from a shard
-    return arr, None
-
-
-def _input_error(kind: str, arr: np.ndarray) -> str | None:
-    """What is wrong with a decoded input of this kind, if anything (the shapes of COMMON.md)."""
-    if kind in ("image", "video"):
-        gray = 2 if kind == "image" else 3  # (H, W) or (T, H, W), or with 3 channels last
-        if not (arr.ndim == gray or (arr.ndim == gray + 1 and arr.shape[-1] == 3)):
-            return f"shape {arr.shape} is not a {kind} input"
-        return None if arr.dtype == np.uint8 else f"dtype {arr.dtype} is not uint8"
-    if arr.ndim != (1 if kind == "audio" else 2):
-        return f"shape {arr.shape} is not a {kind} input"
-    return None if arr.dtype.kind in "fiu" else f"dtype {arr.dtype} is not real numbers"
-
-
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """A raw sample -> the decoded-sample dict of COMMON.md. Raises CorruptDataError naming the
-    shard and the key."""
-    url, key = raw.get("__url__", "?"), raw["__key__"]
-    where = f"{url}: sample {key!r}"
-    if "json" not in raw:
-        raise CorruptDataError(f"{where}: no json member")
-    try:
-        meta = json.loads(raw["json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptDataError(f"{where}: json does not parse ({e})") from None
-    if not isinstance(meta, dict):
-        raise CorruptDataError(f"{where}: json is not an object")
-    for field in ("modality", "instruction", "answer"):
-        if not isinstance(meta.get(field), str):
-            raise CorruptDataError(f"{where}: json has no string {field!r}")
-    inputs = [ext for ext in raw if ext in INPUT_KINDS]
-    if len(inputs) != 1:
-        raise CorruptDataError(f"{where}: needs exactly one input member "
-                               f"({', '.join(INPUT_KINDS)}), has {inputs or 'none'}")
-    ext = inputs[0]
-    kind = INPUT_KINDS[ext]
-    try:
-        arr, rate = _decode_field(ext, raw[ext])
-    except Exception as e:  # PIL, soundfile and numpy each raise their own types
-        msg = str(e).replace("\n", " ")
-        raise CorruptDataError(f"{where}: {ext} does not decode ({type(e).__name__}: {msg})") \
-            from None
-    problem = _input_error(kind, arr)
-    if problem:
-        raise CorruptDataError(f"{where}: {ext}: {problem}")
-    if kind not in ("image", "video"):
-        arr = arr.astype(np.float32, copy=False)
-    sample = {"__key__": key, "__url__": url, "modality": meta["modality"],
-              "instruction": meta["instruction"], "answer": meta["answer"],
-              "input_kind": kind, "input": arr}
-    if rate is not None:
-        sample["sample_rate"] = rate
-    return sample
 
 
 def _check_on_corrupt(on_corrupt: str) -> None:

@@ -1,0 +1,45 @@
+"""The Ray executor of the plan (what `mera run` uses): training steps as Ray Train jobs, the merge
+on the merge actor, replay and evaluate as Ray tasks running the in-process step
+(mera_ds.run.local.run_step). Same steps, artifacts and manifest as the in-process executor."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Optional
+
+from mera_ds.config import RunConfig
+from mera_ds.run.plan import MergeSpec, Step
+from mera_ds.train.recipe import JobSpec
+
+log = logging.getLogger("mera_ds.cluster")
+
+
+class RayExecutor:
+    """Runs steps on the Ray cluster of cluster.ray_address (RAY_ADDRESS, or a local instance)."""
+
+    def __init__(self, cfg: RunConfig, checkpoint_every: Optional[int] = None):
+        from mera_ds.cluster.connect import connect
+
+        # Enough CPUs for the training workers even on a small machine.
+        connect(cfg.cluster.ray_address,
+                num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers))
+        self.checkpoint_every = checkpoint_every
+
+    def __call__(self, cfg: RunConfig, step: Step) -> dict:
+        import ray
+
+        spec = step.spec
+        if isinstance(spec, JobSpec):
+            from mera_ds.cluster.train_job import train_on_ray
+
+            return train_on_ray(cfg, spec, self.checkpoint_every)
+        if isinstance(spec, MergeSpec):
+            from mera_ds.cluster.merge_actor import merge_on_ray
+
+            return dataclasses.asdict(merge_on_ray(spec.prev, spec.finetuned, spec.out,
+                                                   cfg.stages.merge, step=spec.step))
+        from mera_ds.run.local import run_step
+
+        gpus = 1 if cfg.cluster.use_gpu and step.phase == "evaluate" else 0
+        return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(run_step).remote(cfg, step))

@@ -1,0 +1,173 @@
+"""Merge strategies: per-tensor functions of theta_{i-1} and the fine-tuned LLM tensors, in fp32.
+
+STRATEGIES is the one registry: the run config validates `stages.merge.strategy` against it, and
+`mera merge --strategy` takes its choices and help from it. A new strategy is a subclass with a
+`name`, a `summary` and `merge`, added to STRATEGIES; its settings are fields of
+config.MergeConfig (read here as `cfg.<field>`; this module imports no config, so the config can
+import it).
+
+- mera: theta_{i-1} + (theta_ft_i - theta_{i-1}) / i, step i >= 2, one fine-tuned model (the
+  paper's Eq. 4.1: a uniform running average of the per-modality LLMs);
+- linear: sum_k w_k x_k / sum_k w_k over x = (prev, *finetuned) (model soups; equal weights by
+  default);
+- task_arithmetic: prev + lam * sum_k (ft_k - prev);
+- ties: each delta trimmed to its top `density` fraction by magnitude (elements with |d| >= the
+  k-th largest |d|, k = max(1, floor(density * n))), the sign elected per element as the sign of
+  the sum of trimmed deltas, the disjoint mean (mean of the trimmed deltas that agree with it,
+  zeros excluded), then prev + lam * merged;
+- dare: each delta element dropped with probability p and the rest scaled by 1 / (1 - p), then
+  prev + lam * sum. The random mask of model k on block j of tensor `name` is drawn from a
+  generator seeded by (seed, name, k, j), blocks being fixed runs of BLOCK elements: the result
+  does not depend on the shard plan, the number of workers or the order of work.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import ClassVar, Optional, Sequence
+
+import torch
+
+from mera_ds.errors import MeraError
+
+# Elements of one tensor merged at once by an elementwise strategy: 64K fp32 values of each input
+# stay in the CPU's cache through the chain of operations (about 3x faster than whole tensors).
+# Part of the definition of dare's random masks (see the module doc): changing it changes dare.
+BLOCK = 1 << 16
+
+
+class Strategy:
+    """A per-tensor merge: fp32 inputs (theta_{i-1} and the fine-tuned tensors, flat blocks or
+    whole tensors) -> the fp32 merged tensor. The inputs are scratch copies: a strategy may
+    overwrite them (and return one of them), which keeps the merge free of allocations."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `mera merge --help` and the docs
+    # True: element e of the output depends on element e of the inputs only, so any block of a
+    # tensor can be merged on its own.
+    elementwise: ClassVar[bool] = True
+
+    def __init__(self, cfg, n_finetuned: int, step: Optional[int]):
+        # cfg: a config.MergeConfig (its fields are the strategies' settings)
+        if n_finetuned < 1:
+            raise MeraError(f"merge strategy {self.name}: needs at least one fine-tuned LLM")
+        self.cfg, self.n_finetuned, self.step = cfg, n_finetuned, step
+
+    def merge(self, name: str, block: int, prev: torch.Tensor,
+              finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`block`: which run of BLOCK elements of tensor `name` this is (elementwise
+        strategies); 0 for whole tensors."""
+        raise NotImplementedError
+
+
+class Mera(Strategy):
+    name = "mera"
+    summary = "theta_{i-1} + (theta_ft_i - theta_{i-1}) / i: the paper's running average (--step i)"
+
+    def __init__(self, cfg, n_finetuned, step):
+        super().__init__(cfg, n_finetuned, step)
+        if n_finetuned != 1:
+            raise MeraError(f"merge strategy mera: takes one fine-tuned LLM, got {n_finetuned}")
+        if step is None or step < 2:
+            raise MeraError(f"merge strategy mera: step must be >= 2 (the stage being merged), "
+                            f"got {step}")
+
+    def merge(self, name, block, prev, finetuned):
+        # theta_{i-1} + (theta_ft_i - theta_{i-1}) / i, in this order of operations.
+        return finetuned[0].sub_(prev).div_(self.step).add_(prev)
+
+
+class Linear(Strategy):
+    name = "linear"
+    summary = "sum_k w_k x_k / sum_k w_k over (prev, *finetuned): model soups (--weights)"
+
+    def __init__(self, cfg, n_finetuned, step):
+        super().__init__(cfg, n_finetuned, step)
+        n = n_finetuned + 1
+        weights = cfg.weights if cfg.weights is not None else [1.0] * n
+        if len(weights) != n:
+            raise MeraError(f"merge strategy linear: {len(weights)} weights for {n} models "
+                            f"(the previous LLM and {n_finetuned} fine-tuned)")
+        total = sum(weights)
+        if total == 0:
+            raise MeraError("merge strategy linear: the weights sum to 0")
+        self.weights = [w / total for w in weights]
+
+    def merge(self, name, block, prev, finetuned):
+        out = prev.mul_(self.weights[0])
+        for w, x in zip(self.weights[1:], finetuned):
+            out.add_(x, alpha=w)
+        return out
+
+
+class TaskArithmetic(Strategy):
+    name = "task_arithmetic"
+    summary = "prev + lam * sum_k (ft_k - prev) (--lam)"
+
+    def delta(self, name: str, block: int, k: int, x: torch.Tensor,
+              prev: torch.Tensor) -> torch.Tensor:
+        """The task vector of fine-tuned model k (in place of x)."""
+        return x.sub_(prev)
+
+    def merge(self, name, block, prev, finetuned):
+        total = self.delta(name, block, 0, finetuned[0], prev)
+        for k, x in enumerate(finetuned[1:], 1):
+            total.add_(self.delta(name, block, k, x, prev))
+        return total.mul_(self.cfg.lam).add_(prev)
+
+
+class Dare(TaskArithmetic):
+    name = "dare"
+    summary = "task arithmetic on deltas randomly dropped with p and rescaled (--drop-p, --seed)"
+
+    def generator(self, name: str, k: int, block: int) -> torch.Generator:
+        key = f"{self.cfg.seed}\0{name}\0{k}\0{block}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def delta(self, name, block, k, x, prev):
+        delta = x.sub_(prev)
+        p = self.cfg.drop_p
+        if p > 0:
+            keep = torch.rand(delta.shape, generator=self.generator(name, k, block)) >= p
+            delta.mul_(keep).div_(1 - p)
+        return delta
+
+
+class Ties(Strategy):
+    name = "ties"
+    summary = "trim deltas to the top density, elect signs, disjoint mean (--density, --lam)"
+    elementwise = False
+
+    def merge(self, name, block, prev, finetuned):
+        n = prev.numel()
+        k = max(1, int(self.cfg.density * n))
+        trimmed = []
+        for x in finetuned:
+            delta = x.sub_(prev)
+            if k < n:
+                magnitude = delta.abs()
+                threshold = magnitude.reshape(-1).kthvalue(n - k + 1).values
+                delta.mul_(magnitude >= threshold)
+                del magnitude
+            trimmed.append(delta)
+        sign = torch.sign(sum(trimmed))
+        total = torch.zeros_like(prev)
+        count = torch.zeros_like(prev)
+        for delta in trimmed:
+            agree = (torch.sign(delta) == sign) & (delta != 0)
+            total.add_(delta * agree)
+            count.add_(agree)
+        return total.div_(count.clamp_(min=1)).mul_(self.cfg.lam).add_(prev)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (Mera, Linear, TaskArithmetic, Ties, Dare)}
+
+
+def make_strategy(cfg, n_finetuned: int, step: Optional[int] = None) -> Strategy:
+    try:
+        cls = STRATEGIES[cfg.strategy]
+    except KeyError:
+        raise MeraError(f"unknown merge strategy {cfg.strategy!r} "
+                        f"(one of {', '.join(STRATEGIES)})") from None
+    return cls(cfg, n_finetuned, step)

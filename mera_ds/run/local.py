@@ -1,0 +1,100 @@
+"""The in-process executor: every step of the plan in this process. What `mera bench mcl` runs,
+`mera run --executor local` (a laptop, a single-GPU box) and `mera stage` without Ray; under the
+`deepspeed` launcher or `torchrun`, every rank runs a training step together.
+
+`run_step` is also what the Ray executor's tasks call for the steps it does not distribute, so a
+step's artifacts are the same whichever executor ran it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Callable, Optional
+
+from mera_ds.config import RunConfig
+from mera_ds.errors import MeraError
+from mera_ds.run.manifest import Manifest
+from mera_ds.run.plan import EvalSpec, MergeSpec, ReplaySpec, Step
+from mera_ds.train.recipe import JobSpec
+
+log = logging.getLogger("mera_ds.run")
+
+# How an executor runs one step: (config, step) -> its result (a dict, recorded in the manifest).
+Executor = Callable[[RunConfig, Step], dict]
+
+
+def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Executor
+            ) -> dict[str, dict]:
+    """Run the steps in order through `executor`, skipping those the manifest records; returns
+    {step name: result}."""
+    results = {}
+    for step in steps:
+        results[step.name] = manifest.run(step.name, step.outputs, executor, cfg, step)
+        log.info("%s: %s", step.name, summary(results[step.name]))
+    return results
+
+
+def summary(result: dict) -> str:
+    """One line on a step's result, for the log."""
+    if "first_loss" in result:
+        return f"loss {result['first_loss']:.3f} -> {result['loss']:.3f}"
+    if "scores" in result:
+        return ", ".join(f"{k} {v:.3f}" for k, v in result["scores"].items())
+    if "source_samples" in result:
+        return f"{result['samples']} of {result['source_samples']} samples"
+    if "tensors" in result:
+        return f"{result['tensors']} tensors merged ({result['strategy']}, step {result['step']})"
+    return "done"
+
+
+def run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int] = None) -> dict:
+    """Run one step of the plan here; returns its result."""
+    spec = step.spec
+    if isinstance(spec, JobSpec):
+        return train(cfg, spec, checkpoint_every)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise MeraError(f"{step.name}: a {step.phase} step runs in one process, not under a "
+                        f"launcher with {os.environ['WORLD_SIZE']} ranks")
+    if isinstance(spec, ReplaySpec):
+        from mera_ds.data.replay import sample_replay
+
+        return sample_replay(spec.source, spec.out, spec.ratio, spec.seed,
+                             num_shards=spec.num_shards)
+    if isinstance(spec, MergeSpec):
+        import dataclasses
+
+        from mera_ds.merge.engine import merge_llm
+
+        return dataclasses.asdict(merge_llm(spec.prev, list(spec.finetuned), spec.out,
+                                            cfg.stages.merge, step=spec.step))
+    if isinstance(spec, EvalSpec):
+        return evaluate(cfg, step.modality, spec)
+    raise TypeError(f"{step.name}: no way to run a {type(spec).__name__}")
+
+
+def train(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None) -> dict:
+    """A training job with this process as one rank (of a launcher's, or alone), resuming from
+    the state a failed attempt left; the state is removed once the artifacts are written."""
+    import torch.distributed as dist
+
+    from mera_ds.train.recipe import run_job
+    from mera_ds.train.runtime import DirCheckpointer
+
+    metrics = run_job(cfg, spec, DirCheckpointer(spec.state), checkpoint_every)
+    if dist.get_rank() == 0:
+        shutil.rmtree(spec.state, ignore_errors=True)
+    return metrics
+
+
+def evaluate(cfg: RunConfig, modality: str, spec: EvalSpec) -> dict:
+    """Score the learned modalities and store the result at spec.out."""
+    import torch
+
+    from mera_ds.evaluate import evaluate as score
+    from mera_ds.storage import write_json
+
+    device = "cuda" if cfg.cluster.use_gpu and torch.cuda.is_available() else "cpu"
+    result = score(cfg, modality, llm_dir=spec.llm, connectors=spec.connectors, device=device)
+    write_json(spec.out, result)
+    return result

@@ -1,0 +1,112 @@
+"""RUN/manifest.json: what a run is (the modality order, the method, the config it was started
+with) and the steps it finished.
+
+It is written when a run starts and again after every step, each time whole, so `mera report`
+rebuilds the run's layout from it and a resumed run skips what is recorded. Whatever an
+interrupted step left behind is not recorded, hence not trusted: it is removed before the step
+runs again. Both executors (in-process and Ray) and the benchmark use it the same way. Under a
+launcher every rank runs a step; rank 0 alone clears and records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from typing import Union
+
+from mera_ds.config import RunConfig
+from mera_ds.errors import MeraError
+from mera_ds.run.layout import RunLayout
+from mera_ds.storage import exists, join, read_json, url_to_fs, write_json
+
+log = logging.getLogger("mera_ds.manifest")
+
+VERSION = 2
+
+
+class Manifest:
+    def __init__(self, url: str, about: dict, steps: dict):
+        self.url, self.about, self.steps = url, about, steps
+        self.timings: dict[str, float] = {}  # seconds of the steps run by this process
+
+    @classmethod
+    def open(cls, layout: RunLayout, cfg: RunConfig, method: Union[str, list[str]],
+             resume: bool) -> "Manifest":
+        """The manifest of a new run (written now), or with `resume` of the run already in
+        layout.run_dir, which must have the same config, order and method."""
+        url = layout.manifest
+        about = {"order": list(layout.order), "method": method, "config": cfg.fingerprint()}
+        if not exists(url):
+            if exists(join(layout.run_dir, "stages")) or exists(join(layout.run_dir, "chains")):
+                if not resume:
+                    raise MeraError(f"{layout.run_dir}: holds stages but no manifest; run with "
+                                    f"--resume to continue it, or choose another run_dir")
+                log.warning("%s: no manifest; every step runs again", layout.run_dir)
+            manifest = cls(url, about, {})
+            manifest._write()
+            return manifest
+        old = read(url)
+        if not resume:
+            raise MeraError(f"{layout.run_dir}: a run is already there "
+                            f"({len(old.steps)} steps done); add --resume to continue it, "
+                            f"or choose another run_dir")
+        for field in ("order", "method"):
+            if old.about[field] != about[field]:
+                raise MeraError(f"{url}: the run's {field} is {old.about[field]!r}, not "
+                                f"{about[field]!r}; choose another run_dir")
+        was, now = old.about["config"], about["config"]
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        if changed:
+            k = changed[0]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise MeraError(f"{url}: the config changed since this run started: {k} was "
+                            f"{was.get(k)!r}, is {now.get(k)!r}{more}")
+        return cls(url, about, old.steps)
+
+    def _write(self) -> None:
+        if _recording():
+            write_json(self.url, {"version": VERSION, **self.about, "steps": self.steps})
+
+    def run(self, name: str, outputs: tuple[str, ...], fn, *args, **kwargs) -> dict:
+        """Run step `name` unless it is recorded: first remove whatever an interrupted attempt
+        left at `outputs`, then call fn(*args, **kwargs) and record its result (a dict or a
+        dataclass). Returns the result, recorded earlier or now."""
+        if name in self.steps:
+            log.info("%s: done earlier, skipped", name)
+            return self.steps[name]["result"]
+        if _recording():
+            for url in outputs:
+                _remove(url)
+        t0 = time.time()
+        result = fn(*args, **kwargs)
+        if dataclasses.is_dataclass(result):
+            result = dataclasses.asdict(result)
+        self.timings[name] = time.time() - t0
+        self.steps[name] = {"outputs": list(outputs), "result": result,
+                            "seconds": self.timings[name],
+                            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        self._write()
+        return result
+
+
+def read(url: str) -> Manifest:
+    """A run's manifest as it is on storage (for the report and resumes)."""
+    data = read_json(url)
+    missing = [k for k in ("order", "method", "config", "steps")
+               if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise MeraError(f"{url}: not a mera-ds manifest of version {VERSION} (no {missing[0]!r})")
+    return Manifest(url, {k: data[k] for k in ("order", "method", "config")}, data["steps"])
+
+
+def _recording() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _remove(url: str) -> None:
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        log.warning("removing %s: left by an interrupted step, not in the manifest", url)
+        fs.rm(path, recursive=True)

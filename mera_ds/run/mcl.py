@@ -1,0 +1,169 @@
+"""The MCL benchmark (`mera bench mcl`): MERA against the baselines of modality-incremental
+continual learning, on one config, one training order and one seed, in one process.
+
+Methods (the same model, data and hyperparameters for all: the config's), each a variant of the
+plan (mera_ds.run.plan.Method):
+- seq-ft: finetune on each modality in turn (the lower bound);
+- seq-ft+realign: seq-ft, with the realign step (10% replay) after each finetune;
+- merge-only: MERA without realign;
+- replay-10: 10% replay of the earlier modalities mixed into each finetune, all learned
+  connectors trained with the LLM;
+- mera-1, mera-10: finetune, merge, realign on 1% / 10% replay.
+
+The methods' plans are laid over one directory, where steps that compute the same thing have the
+same name (stage 1 for all; stage 2's finetune for seq and merge, both from theta_1; each chain's
+finetunes and merges for the methods on it): the in-process executor runs each once and records
+it in OUT/manifest.json, so `--resume` continues an interrupted benchmark.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Optional
+
+from mera_ds.config import RunConfig
+from mera_ds.errors import MeraError
+from mera_ds.run.layout import RunLayout
+from mera_ds.run.manifest import Manifest
+from mera_ds.run.plan import Method, plan
+from mera_ds.storage import write_bytes
+
+log = logging.getLogger("mera_ds.mcl")
+
+METHODS = {
+    "seq-ft": Method("seq"),
+    "seq-ft+realign": Method("seq", 0.1),
+    "merge-only": Method("merge"),
+    "replay-10": Method("replay"),
+    "mera-1": Method("merge", 0.01),
+    "mera-10": Method("merge", 0.1),
+}
+
+
+def bench_config(cfg: RunConfig, order: Optional[list[str]], seed: Optional[int],
+                 out: str) -> RunConfig:
+    """The benchmark's config: `cfg` with its modalities in `order`, `seed`, `out` as run
+    directory, and one worker (one process) taking each batch whole: gradient accumulation over
+    micro-batches only saves memory, which the tiny models do not need, and halves the speed."""
+    from mera_ds.config import absolute
+
+    if cfg.stages.align.enabled:
+        raise MeraError("stages.align.enabled: the MCL benchmark compares methods without the "
+                        "align stage; disable it in the config")
+    modalities = cfg.modalities
+    if order:
+        known = [m.name for m in cfg.modalities]
+        unknown = [m for m in order if m not in known]
+        if unknown:
+            raise MeraError(f"--order: modality {unknown[0]!r} is not in the config "
+                            f"({', '.join(known)})")
+        if len(set(order)) != len(order):
+            raise MeraError(f"--order: a modality appears twice in {','.join(order)}")
+        modalities = [cfg.modality(m) for m in order]
+    if len(modalities) < 2:
+        raise MeraError("--order: the benchmark needs at least two modalities")
+    whole = {name: getattr(cfg.stages, name).model_copy(
+        update={"micro_batch_size": getattr(cfg.stages, name).batch_size})
+        for name in ("finetune", "realign")}
+    return cfg.model_copy(update={
+        "modalities": modalities, "run_dir": absolute(out),
+        "seed": cfg.seed if seed is None else seed,
+        "stages": cfg.stages.model_copy(update=whole),
+        "cluster": cfg.cluster.model_copy(update={"num_workers": 1})})
+
+
+def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = False) -> dict:
+    """Run the methods (default: all) over the config's modalities, in order; return
+    {"order", "seed", "methods": {name: {"P", "brg", "final_average", "seconds"}}, "seconds"}.
+    A method's `seconds`: what its steps took (shared ones included), as if it ran alone; the
+    top-level `seconds`: this call's wall time, shared steps counted once."""
+    from mera_ds.evaluate import backward_relative_gain, performance_matrix
+    from mera_ds.run.local import execute, run_step
+
+    names = methods or list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise MeraError(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    layout = RunLayout.of(cfg)
+    plans = {n: plan(cfg, METHODS[n], layout, chained=True) for n in names}
+    manifest = Manifest.open(layout, cfg, names, resume)
+    t0 = time.time()
+    # Stage by stage, every method's steps of the stage: a step shared with a method before it
+    # is recorded by then and skipped.
+    for modality in layout.order:
+        for n in names:
+            execute(cfg, [s for s in plans[n] if s.modality == modality], manifest, run_step)
+        log.info("stage %s done, %.0f s so far", layout.stage_name(modality), time.time() - t0)
+
+    out = {"order": list(layout.order), "seed": cfg.seed, "methods": {},
+           "seconds": time.time() - t0}
+    for n in names:
+        rows = [manifest.steps[s.name]["result"] for s in plans[n] if s.phase == "evaluate"]
+        _, P = performance_matrix(rows)
+        out["methods"][n] = {
+            "P": P, "brg": backward_relative_gain(P, layout.order),
+            "final_average": sum(P[-1]) / len(P[-1]),
+            "seconds": sum(manifest.steps[s.name]["seconds"] for s in plans[n])}
+    return out
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def format_table(result: dict, matrix: bool = False) -> str:
+    from mera_ds.run.report import format_matrix
+
+    lines = [f"MCL benchmark: order {','.join(result['order'])}, seed {result['seed']}",
+             f"{'method':<16}{'BRG %':>9}{'final avg':>11}{'seconds':>9}"]
+    for n, r in result["methods"].items():
+        brg = "n/a" if r["brg"] is None else f"{r['brg']:.2f}"
+        lines.append(f"{n:<16}{brg:>9}{r['final_average']:>11.3f}{r['seconds']:>9.0f}")
+    lines.append(f"wall time {result['seconds']:.0f} s (shared stages run once)")
+    if matrix:
+        for n, r in result["methods"].items():
+            lines += ["", n, format_matrix(result["order"], r["P"])]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """BRG and the final average per method, as a bar chart (PNG at `path`, local or s3://)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    names = list(result["methods"])
+    brg = [result["methods"][n]["brg"] or 0.0 for n in names]
+    avg = [100 * result["methods"][n]["final_average"] for n in names]
+    fig = Figure(figsize=(8, 4), dpi=120)
+    ax = fig.add_subplot()
+    x = range(len(names))
+    ax.bar([k - 0.2 for k in x], brg, width=0.4, label="BRG %")
+    ax.bar([k + 0.2 for k in x], avg, width=0.4, label="final average x 100")
+    ax.axhline(100, color="0.5", linewidth=0.8)
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"MCL benchmark: {','.join(result['order'])}, seed {result['seed']}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes(path, buf.getvalue())
+
+
+def summarize(results: list[dict]) -> str:
+    """Mean, standard deviation and range of BRG and the final average per method over runs
+    (orders x seeds), as a Markdown table."""
+    found = {n for r in results for n in r["methods"]}  # JSON keeps no order: METHODS's
+    names = [n for n in METHODS if n in found] + sorted(found - set(METHODS))
+    runs = ", ".join(f"{','.join(r['order'])}/s{r['seed']}" for r in results)
+    lines = [f"{len(results)} runs: {runs}", "",
+             "| method | BRG % mean | BRG sd | BRG min..max | final avg mean | final avg sd |",
+             "|---|---|---|---|---|---|"]
+    for n in names:
+        brg = [r["methods"][n]["brg"] for r in results
+               if n in r["methods"] and r["methods"][n]["brg"] is not None]
+        avg = [r["methods"][n]["final_average"] for r in results if n in r["methods"]]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+        lines.append(f"| {n} | {statistics.mean(brg):.2f} | {sd(brg):.2f} | "
+                     f"{min(brg):.2f}..{max(brg):.2f} | {statistics.mean(avg):.3f} | "
+                     f"{sd(avg):.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""The plan of a run: from (config, method, layout), the steps of every stage in order, each with
+its inputs and outputs. Executors run it (mera_ds.run.local in this process,
+mera_ds.cluster.executor on Ray); neither knows how a stage is wired, only how to run a step.
+
+A stage i (the modality m_i) has up to six phases, in this order:
+
+    align     connector_i alone, LLM theta_{i-1} frozen          (optional)
+    replay    r% of m_i's training samples, kept for realigns    (when a later step needs it)
+    finetune  LLM + connector_i from theta_{i-1}                 -> theta_ft_i
+    merge     theta_i = theta_{i-1} + (theta_ft_i - theta_{i-1}) / i   (i >= 2, merge chain)
+    realign   connectors 1..i on the replay mix, theta_i frozen  (when the method realigns)
+    evaluate  every learned modality on theta_i                  -> row i of P
+
+A *method* is a variant of that plan: its chain says how theta_i comes from theta_{i-1} (merge:
+MERA's merge; seq: the finetuned LLM as it is; replay: finetune on the new data mixed with the
+earlier modalities' replay) and its realign ratio whether and on how much replay it realigns.
+`mera run` plans one method (MERA, from the config); `mera bench mcl` plans several over one
+directory, where steps that compute the same thing have the same name and run once (`chained`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from mera_ds.config import RunConfig
+from mera_ds.data.replay import ReplaySet
+from mera_ds.run.layout import RunLayout
+from mera_ds.train.jobs import align_job, finetune_job, realign_job
+from mera_ds.train.recipe import JobSpec
+
+PHASES = ("align", "replay", "finetune", "merge", "realign", "evaluate")
+TRAINING_PHASES = ("align", "finetune", "realign")
+CHAINS = ("merge", "seq", "replay")
+# The replay chain mixes this share of each earlier modality into its finetunes.
+CHAIN_REPLAY = 0.1
+
+
+@dataclass(frozen=True)
+class Method:
+    chain: str                       # merge | seq | replay
+    realign: Optional[float] = None  # replay ratio of the realign after each stage; None: none
+    align: bool = False
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "Method":
+        """What `mera run` does: MERA as the config sets it."""
+        ra = cfg.stages.realign
+        return cls("merge", ra.replay_ratio if ra.enabled else None, cfg.stages.align.enabled)
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    source: str          # the modality's training shards
+    out: str             # the replay directory
+    ratio: float
+    seed: int
+    num_shards: int      # one per training rank
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    prev: str                    # theta_{i-1}
+    finetuned: tuple[str, ...]   # theta_ft_i
+    out: str
+    step: int                    # i
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    llm: str                     # theta_i
+    connectors: dict             # {learned modality: connector file}
+    out: str                     # metrics.json
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                    # in the manifest and the logs, e.g. "02-video/finetune"
+    phase: str
+    modality: str                # the stage's modality
+    spec: Union[JobSpec, ReplaySpec, MergeSpec, EvalSpec]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.spec.outputs
+
+
+def plan(cfg: RunConfig, method: Method, layout: RunLayout, chained: bool = False) -> list[Step]:
+    """The steps of `method` over the config's modalities, stage by stage, each after the steps
+    whose outputs it reads."""
+    p = _Planner(cfg, method, layout, chained)
+    return [s for i in range(1, len(layout.order) + 1) for s in p.stage(i)]
+
+
+class _Planner:
+    def __init__(self, cfg: RunConfig, method: Method, layout: RunLayout, chained: bool):
+        self.cfg, self.method, self.root, self.chained = cfg, method, layout, chained
+        self.order = layout.order
+
+    # Where artifacts go. In a benchmark, methods that compute the same artifact share it: every
+    # chain starts with the same stage 1 ("first"), and at stage 2 the merge chain finetunes
+    # theta_1 on plain data exactly as seq does, so that finetune is seq's.
+
+    def at(self, chain: str) -> RunLayout:
+        return self.root.of_chain(chain) if self.chained else self.root
+
+    def llm_owner(self, i: int) -> str:
+        return "first" if i == 1 else self.method.chain
+
+    def finetune_owner(self, i: int) -> str:
+        if i == 1:
+            return "first"
+        return "seq" if self.method.chain == "merge" and i == 2 else self.method.chain
+
+    def tag(self, ratio: Optional[float]) -> str:
+        return f"-{ratio * 100:g}" if self.chained and ratio is not None else ""
+
+    def llm(self, i: int) -> Optional[str]:
+        """theta_i (theta_0: the configured LLM, None for the built-in tiny one)."""
+        if i == 0:
+            return self.cfg.llm.path
+        m = self.order[i - 1]
+        if self.method.chain == "merge" and i > 1:
+            return self.at("merge").merge_llm(m)
+        return self.at(self.finetune_owner(i)).finetune_llm(m)
+
+    def where(self, layout: RunLayout, m: str, phase: str, tag: str = "") -> dict:
+        return dict(name=layout.step_name(m, phase, tag),
+                    tensorboard=layout.tensorboard(m, phase, tag),
+                    state=layout.train_state(m, phase, tag))
+
+    def replay_ratios(self) -> list[float]:
+        ratios = {self.method.realign, CHAIN_REPLAY if self.method.chain == "replay" else None}
+        return sorted(r for r in ratios if r is not None)
+
+    # The steps of stage i.
+
+    def stage(self, i: int) -> list[Step]:
+        m, cfg = self.order[i - 1], self.cfg
+        steps = []
+        ft = self.at(self.finetune_owner(i))
+        if self.method.align:
+            steps.append(Step(ft.step_name(m, "align"), "align", m, align_job(
+                cfg, m, self.llm(i - 1), ft.align_connector(m), **self.where(ft, m, "align"))))
+        for ratio in self.replay_ratios():
+            tag = self.tag(ratio)
+            steps.append(Step(self.root.step_name(m, "replay", tag), "replay", m, ReplaySpec(
+                cfg.modality(m).train_shards, self.root.replay_dir(m, tag), ratio, cfg.seed,
+                cfg.cluster.num_workers)))
+        steps.append(self.finetune(i, ft))
+        if self.method.chain == "merge" and i > 1:
+            out = self.at("merge")
+            steps.append(Step(out.step_name(m, "merge"), "merge", m, MergeSpec(
+                self.llm(i - 1), (ft.finetune_llm(m),), out.merge_llm(m), i)))
+        if self.method.realign is not None:
+            steps.append(self.realign(i, ft))
+        steps.append(self.evaluate(i))
+        return steps
+
+    def finetune(self, i: int, ft: RunLayout) -> Step:
+        m, learned, cfg = self.order[i - 1], self.order[:i], self.cfg
+        if self.method.chain == "replay" and i > 1:
+            # The new data, weighed by its size, mixed with the earlier modalities' replay; every
+            # learned connector trains, the earlier ones from where the last finetune left them.
+            tag, before = self.tag(CHAIN_REPLAY), self.at(self.finetune_owner(i - 1))
+            data = [ReplaySet(self.root.replay_dir(m, tag), source=True)] + [
+                ReplaySet(self.root.replay_dir(o, tag)) for o in learned[:-1]]
+            trained = learned
+            init = {o: before.finetune_connector(self.order[i - 2], o) for o in learned[:-1]}
+        else:
+            data, trained = [cfg.modality(m).train_shards], (m,)
+            init = {m: ft.align_connector(m)} if self.method.align else {}
+        return Step(ft.step_name(m, "finetune"), "finetune", m, finetune_job(
+            cfg, m, self.llm(i - 1), data, init, out_llm=ft.finetune_llm(m),
+            out_connectors={o: ft.finetune_connector(m, o) for o in trained},
+            **self.where(ft, m, "finetune")))
+
+    def realign(self, i: int, ft: RunLayout) -> Step:
+        """Connectors 1..i on the replay mix: the newest from its finetune, the others from the
+        previous stage's realign."""
+        m, learned = self.order[i - 1], self.order[:i]
+        tag, out = self.tag(self.method.realign), self.at(self.llm_owner(i))
+        before = {o: ft.finetune_connector(m) if o == m else
+                  self.at(self.llm_owner(i - 1)).realign_connector(self.order[i - 2], o, tag)
+                  for o in learned}
+        return Step(out.step_name(m, "realign", tag), "realign", m, realign_job(
+            self.cfg, m, self.llm(i), before, [ReplaySet(self.root.replay_dir(o, tag))
+                                               for o in learned],
+            {o: out.realign_connector(m, o, tag) for o in learned},
+            **self.where(out, m, "realign", tag)))
+
+    def evaluate(self, i: int) -> Step:
+        """theta_i with the connectors the method ends stage i with: realigned, or each as its
+        last finetune left it."""
+        m, learned = self.order[i - 1], self.order[:i]
+        tag, out = self.tag(self.method.realign), self.at(self.llm_owner(i))
+        if self.method.realign is not None:
+            connectors = {o: out.realign_connector(m, o, tag) for o in learned}
+        elif self.method.chain == "replay":  # its finetunes train every learned connector
+            ft = self.at(self.finetune_owner(i))
+            connectors = {o: ft.finetune_connector(m, o) for o in learned}
+        else:
+            connectors = {o: self.at(self.finetune_owner(k)).finetune_connector(o)
+                          for k, o in enumerate(learned, 1)}
+        return Step(out.step_name(m, "evaluate", tag), "evaluate", m,
+                    EvalSpec(self.llm(i), connectors, out.eval_metrics(m, tag)))
+
+
+def find_step(steps: list[Step], phase: str, modality: str) -> Step:
+    """The step of `phase` at `modality`'s stage (what `mera stage` runs)."""
+    from mera_ds.errors import MeraError
+
+    for step in steps:
+        if step.phase == phase and step.modality == modality:
+            return step
+    raise MeraError(f"the run's plan has no {phase} step for modality {modality!r} "
+                    f"(is the phase enabled in the config?)")

@@ -1,0 +1,254 @@
+"""The training recipe that align, finetune and realign share: a JobSpec in, a trained MLLM's
+artifacts out, under DeepSpeed ZeRO-3.
+
+    run_job = setup_engine -> restore -> setup_data -> train_loop -> export
+
+Each step is a short function over the runtime (mera_ds.train.runtime); what differs between the
+phases (what trains, at which learning rate, on which data, what is exported) is the JobSpec that
+mera_ds.train.jobs builds for them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from mera_ds.config import RunConfig, TrainingSettings, parse_size
+from mera_ds.data.replay import ReplaySet
+from mera_ds.errors import MeraError
+from mera_ds.train.runtime import (Board, Checkpointer, deepspeed_config, device_for,
+                                   init_distributed, is_comm_failure, to_device)
+
+log = logging.getLogger("mera_ds.train")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str                                  # the plan step, e.g. "02-video/finetune"
+    phase: str                                 # align | finetune | realign
+    modality: str                              # the stage's modality m_i
+    learned: tuple[str, ...]                   # modalities whose connectors the model holds
+    train_llm: bool
+    train_connectors: tuple[str, ...]
+    # Shard patterns, or replay sets (resolved when the job starts: they are written by an
+    # earlier step). Several are mixed: uniformly, or by the replay sets' sizes.
+    data: tuple[Union[str, ReplaySet], ...]
+    settings: TrainingSettings
+    lr_llm: float
+    lr_connector: float
+    init_llm: Optional[str]                    # LLM directory; None: the config's llm
+    init_connectors: dict[str, str] = field(default_factory=dict)
+    export_llm: Optional[str] = None           # HF directory to write the trained LLM to
+    export_connectors: dict[str, str] = field(default_factory=dict)
+    tensorboard: Optional[str] = None
+    state: Optional[str] = None                # where resume checkpoints go while it runs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The artifacts it writes (the resume state is none)."""
+        return tuple(u for u in (self.export_llm, *self.export_connectors.values()) if u)
+
+
+def lr_factor(step: int, settings: TrainingSettings) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    span = max(1, settings.steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] = None,
+            checkpoint_every: Optional[int] = None,
+            observe: Optional[Callable[[str, object], None]] = None) -> dict:
+    """Train per `spec`, export its artifacts, and return the job's metrics (on every rank).
+
+    `observe(event, engine)` is called on every rank at "start" (after a resume) and at "end"
+    (before the export): for callers that inspect or log the engine.
+    """
+    init_distributed(cfg)
+    rank = dist.get_rank()
+    try:
+        device = device_for(cfg)
+        engine = setup_engine(cfg, spec, device)
+        start = checkpointer.restore(engine) if checkpointer else 0
+        if start:
+            log.info("%s: resuming at step %d of %d", spec.name, start, spec.settings.steps)
+        if observe:
+            observe("start", engine)
+        loader = setup_data(cfg, spec, engine, start)
+        metrics = train_loop(spec, engine, device, loader, start, checkpointer,
+                             checkpoint_every or max(1, spec.settings.steps // 4))
+        if observe:
+            observe("end", engine)
+        export(cfg, spec, engine)
+        return metrics
+    except MeraError:
+        raise
+    except Exception as e:
+        if is_comm_failure(e):
+            raise MeraError(
+                f"{spec.name}: rank {rank}: a collective failed or timed out "
+                f"(cluster.timeout_s={cfg.cluster.timeout_s}); a peer rank probably died: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise
+
+
+def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
+    """The MLLM of the job (LLM partitioned by ZeRO-3, connectors loaded, what trains unfrozen)
+    and its optimizer, wrapped in a DeepSpeed engine."""
+    import warnings
+
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from mera_ds.model.connectors import load_connector
+    from mera_ds.model.llm import DTYPES, build_llm
+    from mera_ds.model.mllm import build_mllm, param_groups, set_trainable
+
+    # DeepSpeed calls torch's renamed collectives on every step: one warning per call otherwise.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    torch.manual_seed(cfg.seed)
+    ds_config = deepspeed_config(cfg, spec.settings)
+    # The LLM is created partitioned (zero.Init through transformers' DeepSpeed integration):
+    # no rank ever holds all of it. Encoders and connectors are built outside that scope.
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    try:
+        llm, tokenizer = build_llm(cfg.llm, path=spec.init_llm)
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds
+    mllm = build_mllm(cfg, modalities=list(spec.learned), llm=llm, tokenizer=tokenizer)
+    for m, url in spec.init_connectors.items():
+        load_connector(mllm.connectors[m], url)
+    set_trainable(mllm, llm=spec.train_llm, connectors=list(spec.train_connectors))
+    # One dtype for the whole model: DeepSpeed flattens trainable partitions into one buffer.
+    mllm.to(device=device, dtype=DTYPES[cfg.llm.dtype])
+
+    groups = param_groups(mllm, lr_llm=spec.lr_llm, lr_connector=spec.lr_connector,
+                          weight_decay=spec.settings.weight_decay)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=mllm, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def setup_data(cfg: RunConfig, spec: JobSpec, engine, start: int):
+    """This rank's loader: exactly the micro-batches of the steps still to take."""
+    from mera_ds.data.loader import make_loader, make_mixed_loader
+    from mera_ds.model.mllm import Collator
+
+    s = spec.settings
+    patterns, weights = resolve_data(spec.data)
+    common = dict(batch_size=s.micro_batch_size,
+                  collate_fn=Collator(engine.module, train=True, pack=s.packing),
+                  num_steps=max(0, s.steps - start) * engine.gradient_accumulation_steps(),
+                  rank=dist.get_rank(), world_size=dist.get_world_size(),
+                  seed=cfg.seed * 1_000_003 + start, num_workers=cfg.data.loader_workers,
+                  on_corrupt=cfg.data.on_corrupt, shuffle_buffer=cfg.data.shuffle_buffer)
+    if len(patterns) == 1:
+        return make_loader(patterns[0], **common)
+    return make_mixed_loader(patterns, weights, **common)
+
+
+def resolve_data(data) -> tuple[list[str], Optional[list[float]]]:
+    """(patterns, mixing weights): plain patterns mix uniformly (weights None), replay sets by
+    their sizes."""
+    if all(isinstance(d, str) for d in data):
+        return list(data), None
+    if not all(isinstance(d, ReplaySet) for d in data):
+        raise MeraError(f"training data mixes shard patterns and replay sets: {data}")
+    resolved = [d.resolve() for d in data]
+    return [p for p, _ in resolved], [w for _, w in resolved]
+
+
+class _Window:
+    """Loss and throughput over the steps since the last log line. Throughput is also kept
+    steady: every window after the first, which holds the warm-up."""
+
+    def __init__(self):
+        self.losses, self.tokens, self.t0 = [], 0, time.time()
+        self.steady_tokens, self.steady_time, self.count = 0, 0.0, 0
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.losses.append(loss.detach().float())
+        self.tokens += tokens
+
+    def close(self, device) -> tuple[float, float]:
+        """(mean loss over all ranks, tokens/s of the window); starts the next window. Ends in an
+        all_reduce, so device work is finished when timed."""
+        world = dist.get_world_size()
+        mean = torch.stack(self.losses).mean().to(device)
+        dist.all_reduce(mean)
+        elapsed = time.time() - self.t0
+        tok_s = self.tokens * world / max(elapsed, 1e-9)
+        self.count += 1
+        if self.count > 1:
+            self.steady_tokens += self.tokens * world
+            self.steady_time += elapsed
+        self.losses, self.tokens, self.t0 = [], 0, time.time()
+        return float(mean) / world, tok_s
+
+    def steady(self, last: float) -> float:
+        return self.steady_tokens / self.steady_time if self.steady_time else last
+
+
+def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
+               checkpointer: Optional[Checkpointer], checkpoint_every: int) -> dict:
+    """Steps start..settings.steps; returns the metrics (first and last loss, throughput)."""
+    s = spec.settings
+    accum = engine.gradient_accumulation_steps()
+    board = Board(spec.tensorboard)
+    log_every = max(1, s.steps // 20)
+    metrics = {"phase": spec.phase, "modality": spec.modality, "steps": s.steps,
+               "resumed_at": start}
+    window, batches, step = _Window(), iter(loader), start
+    engine.train()
+    while step < s.steps:
+        for g in engine.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(step, s)
+        for _ in range(accum):
+            try:
+                batch = to_device(next(batches), device)
+            except StopIteration:
+                raise MeraError(f"{spec.name}: the data ran out at step {step} "
+                                f"({spec.data})") from None
+            loss = engine(batch).loss
+            engine.backward(loss)
+            engine.step()
+            window.add(loss, int(batch["num_tokens"]))
+        step += 1
+        if step % log_every == 0 or step == s.steps:
+            loss, tok_s = window.close(device)
+            if dist.get_rank() == 0:
+                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s", spec.name, step, s.steps,
+                         loss, engine.optimizer.param_groups[0]["lr"], tok_s)
+            board.scalars(step, loss=loss, tokens_per_s=tok_s)
+            metrics.update(loss=loss, tokens_per_s=window.steady(tok_s))
+            metrics.setdefault("first_loss", loss)
+        if checkpointer and step % checkpoint_every == 0 and step < s.steps:
+            checkpointer.save(engine, step, {"step": step, **{k: v for k, v in metrics.items()
+                                                             if isinstance(v, (int, float))}})
+    board.close()
+    return metrics
+
+
+def export(cfg: RunConfig, spec: JobSpec, engine) -> None:
+    """Write the trained LLM and connectors the spec names; collective over all ranks."""
+    from mera_ds.train.export import export_connectors, export_llm
+
+    bucket = parse_size(os.environ.get("MERA_EXPORT_BUCKET", "64MB"))
+    if spec.export_llm:
+        export_llm(engine.module.llm, engine.module.tokenizer, spec.export_llm,
+                   shard_size=parse_size(cfg.stages.merge.shard_size), bucket_bytes=bucket)
+    if spec.export_connectors:
+        export_connectors({m: engine.module.connectors[m] for m in spec.export_connectors},
+                          spec.export_connectors)
+    dist.barrier()

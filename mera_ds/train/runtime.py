@@ -1,0 +1,168 @@
+"""The DeepSpeed runtime of a training job: process group, device, DeepSpeed config, resume
+checkpoints, failure classification and TensorBoard. What a job trains is the recipe's
+(mera_ds.train.recipe); this module knows nothing of the MLLM.
+
+One process per rank, started by the `deepspeed` launcher, `torchrun`, a Ray Train worker or
+alone (a single rank); the same code in all of them. Resumable state goes through a
+:class:`Checkpointer` so that this module never imports Ray.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from typing import Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from mera_ds.config import RunConfig, TrainingSettings, resolve_path
+from mera_ds.errors import MeraError
+from mera_ds.storage import is_remote, url_to_fs
+
+log = logging.getLogger("mera_ds.train")
+
+
+# --- process group and device --------------------------------------------------------------------
+
+def init_distributed(cfg: RunConfig) -> None:
+    """Join (or, alone, create) the process group with an explicit timeout, so a dead peer or a
+    hung collective ends in an error after cluster.timeout_s rather than a silent hang."""
+    import deepspeed
+
+    # Under Ray Train the torch process group exists already (TorchConfig set its timeout);
+    # deepspeed.init_distributed then only wraps it, which DeepSpeed needs to see the world size.
+    if not dist.is_initialized() and "RANK" not in os.environ:  # one process, no launcher
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.environ.get("MASTER_ADDR", "").startswith("127.") or os.environ.get(
+            "MASTER_ADDR") == "localhost":
+        # All ranks on this host: keep gloo's sockets on loopback too (it otherwise binds to the
+        # interface the host name resolves to).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if cfg.cluster.use_gpu:
+        # Fail fast on NCCL timeouts instead of leaving ranks blocked in a kernel.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo",
+                               timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s))
+
+
+def device_for(cfg: RunConfig) -> torch.device:
+    if cfg.cluster.use_gpu:
+        if not torch.cuda.is_available():
+            raise MeraError("cluster.use_gpu is true but this worker sees no CUDA device")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def deepspeed_config(cfg: RunConfig, settings: TrainingSettings) -> dict:
+    """The JSON config from ds_configs/, with batch sizes and precision from the run config."""
+    with open(resolve_path(cfg.cluster.deepspeed_config)) as f:
+        ds = json.load(f)
+    world = dist.get_world_size()
+    ds["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
+    ds["gradient_accumulation_steps"] = settings.batch_size // (settings.micro_batch_size * world)
+    ds["train_batch_size"] = settings.batch_size
+    ds["gradient_clipping"] = settings.grad_clip
+    ds["bf16"] = {"enabled": cfg.llm.dtype == "bfloat16"}
+    ds["fp16"] = {"enabled": cfg.llm.dtype == "float16"}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+def is_comm_failure(e: BaseException) -> bool:
+    """A collective that failed or timed out: most often a peer rank that died."""
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        k in text for k in ("timed out", "timeout", "connection closed", "connection reset",
+                            "broken pipe", "gloo", "nccl"))
+
+
+# --- resume state --------------------------------------------------------------------------------
+
+class Checkpointer(Protocol):
+    """Where a job keeps the state it resumes from after a failure."""
+
+    def restore(self, engine) -> int:
+        """Load the latest saved state into the engine; return the step to continue from."""
+
+    def save(self, engine, step: int, metrics: dict) -> None:
+        """Save the engine's state after `step` steps (collective: every rank calls it)."""
+
+
+class DirCheckpointer:
+    """DeepSpeed checkpoints in one local directory (shared by all ranks): the runs without Ray.
+
+    DeepSpeed writes its resume state with torch.save; it is private to the job that wrote it and
+    deleted once the job's artifacts are committed. Artifacts themselves are safetensors.
+    """
+
+    def __init__(self, path: str):
+        if is_remote(path):
+            raise MeraError(f"{path}: resume state needs a local or shared directory; "
+                            f"run through Ray (storage_path) to keep it on S3")
+        self.path = path
+
+    def restore(self, engine) -> int:
+        if not os.path.exists(os.path.join(self.path, "latest")):
+            return 0
+        _, client = engine.load_checkpoint(self.path)
+        return int(client["step"])
+
+    def save(self, engine, step: int, metrics: dict) -> None:
+        engine.save_checkpoint(self.path, tag=f"step{step}", client_state={"step": step})
+        if dist.get_rank() == 0:  # keep the newest only
+            for name in os.listdir(self.path):
+                if name.startswith("step") and name != f"step{step}":
+                    shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+        dist.barrier()
+
+
+# --- TensorBoard ---------------------------------------------------------------------------------
+
+class Board:
+    """TensorBoard on rank 0. S3 run dirs: written locally, uploaded when the job ends."""
+
+    def __init__(self, url: Optional[str]):
+        self.url, self.writer, self.local = url, None, None
+        if url is None or dist.get_rank() != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.local = tempfile.mkdtemp(prefix="mera-tb-") if is_remote(url) else url
+        self.writer = SummaryWriter(self.local)
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if not self.writer:
+            return
+        self.writer.close()
+        if self.local != self.url:
+            fs, path = url_to_fs(self.url)
+            fs.put(self.local, path, recursive=True)
+            shutil.rmtree(self.local, ignore_errors=True)
