@@ -80,15 +80,21 @@ def builtin_shards(tmp_path_factory):
                          samples_per_shard=64)
 
 
+def default_config(shards: dict, run_dir) -> dict:
+    """The embedded default config (a dict) on `shards` (builtin_shards), its run in run_dir."""
+    from mera_ds.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "launch/configs/default.yaml")).model_dump(mode="json")
+    cfg["run_dir"] = str(run_dir)
+    for m in cfg["modalities"]:
+        m["train_shards"] = shards[m["name"]]["train"]
+        m["eval_shards"] = shards[m["name"]]["eval"]
+    cfg["data"] = {"shuffle_buffer": 64}
+    return cfg
+
+
 @pytest.fixture
 def tiny_config(builtin_shards, tmp_path):
     """The embedded default config on the small shards, writing its run under tmp_path."""
-    from mera_ds.config import load_config
-
-    cfg = load_config("launch/configs/default.yaml").model_dump(mode="json")
-    cfg["run_dir"] = str(tmp_path / "run")
-    for m in cfg["modalities"]:
-        m["train_shards"] = builtin_shards[m["name"]]["train"]
-        m["eval_shards"] = builtin_shards[m["name"]]["eval"]
-    cfg["data"] = {"shuffle_buffer": 64}
-    return cfg
+    return default_config(builtin_shards, tmp_path / "run")

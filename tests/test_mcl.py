@@ -11,6 +11,7 @@ import yaml
 
 from mera_ds.run.mcl import METHODS, summarize
 
+from .conftest import default_config
 from .test_merge import state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +26,8 @@ def bench(*args):
 @pytest.fixture(scope="module")
 def mcl_run(builtin_shards, tmp_path_factory):
     """One benchmark over audio then video with a few steps per job."""
-    from mera_ds.config import load_config
-
     tmp = tmp_path_factory.mktemp("mcl")
-    cfg = load_config(os.path.join(ROOT, "launch/configs/default.yaml")).model_dump(mode="json")
-    for m in cfg["modalities"]:
-        m["train_shards"] = builtin_shards[m["name"]]["train"]
-        m["eval_shards"] = builtin_shards[m["name"]]["eval"]
+    cfg = default_config(builtin_shards, tmp / "out")
     st = cfg["stages"]
     st["finetune"].update(steps=4, batch_size=4, micro_batch_size=2)
     st["realign"].update(steps=3, batch_size=4, micro_batch_size=2)
