@@ -10,6 +10,7 @@ Metrics are per task (ModalityConfig.task.metric names one in METRICS): a functi
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Callable, Sequence
@@ -68,8 +69,6 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
         load_connector(mllm.connectors[name], connectors[name])
     mllm.to(device).eval()
     collate = Collator(mllm, train=False)
-    settings = cfg.stages.eval
-
     result = {"modality": modality, "scores": {}, "samples": {}, "examples": {}}
     for name in learned:
         m = cfg.modality(name)
@@ -78,21 +77,7 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
             raise MeraError(f"modalities.{name}.task.metric: {m.task.metric!r} is not one of "
                             f"{', '.join(METRICS)}")
         start = time.perf_counter()
-        predictions, answers, keys = [], [], []
-        batch_samples: list[dict] = []
-        samples = read_samples(m.eval_shards, limit=settings.max_samples)
-        for sample in samples:
-            batch_samples.append(sample)
-            if len(batch_samples) == settings.batch_size:
-                _generate(mllm, collate, batch_samples, m.task.max_new_tokens,
-                          predictions, answers, keys)
-                batch_samples = []
-                log.info("eval %s/%s: %d samples", modality, name, len(answers))
-        if batch_samples:
-            _generate(mllm, collate, batch_samples, m.task.max_new_tokens,
-                      predictions, answers, keys)
-        if not answers:
-            raise MeraError(f"{m.eval_shards}: no eval samples for modality {name}")
+        keys, predictions, answers = _predict(mllm, collate, m, cfg.stages.eval)
         score = metric(predictions, answers)
         result["scores"][name] = score
         result["samples"][name] = len(answers)
@@ -101,6 +86,23 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
         log.info("eval %s/%s: %s = %.4f on %d samples (%.1f s)", modality, name, m.task.metric,
                  score, len(answers), time.perf_counter() - start)
     return result
+
+
+def _predict(mllm, collate, m, settings) -> tuple[list[str], list[str], list[str]]:
+    """(keys, predictions, answers) over modality m's eval samples, in batches."""
+    keys, predictions, answers = [], [], []
+    batch: list[dict] = []
+    samples = read_samples(m.eval_shards, limit=settings.max_samples)
+    for sample in itertools.chain(samples, [None]):  # None: the end, flush the last batch
+        if sample is not None:
+            batch.append(sample)
+        if batch and (sample is None or len(batch) == settings.batch_size):
+            _generate(mllm, collate, batch, m.task.max_new_tokens, predictions, answers, keys)
+            batch = []
+            log.info("eval %s: %d samples", m.name, len(answers))
+    if not answers:
+        raise MeraError(f"{m.eval_shards}: no eval samples for modality {m.name}")
+    return keys, predictions, answers
 
 
 def _generate(mllm, collate, samples, max_new_tokens, predictions, answers, keys) -> None:

@@ -82,7 +82,7 @@ def write_bytes(url: str, data: bytes) -> None:
 def committed_dir(url: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a directory URL to write an artifact into; it appears at `url` only on success.
 
-    An existing artifact is never replaced unless `overwrite` is given: a stage re-run by mistake
+    An existing artifact is never replaced unless `overwrite` is given: a step re-run by mistake
     must not destroy the earlier one.
     """
     fs, path = url_to_fs(url)

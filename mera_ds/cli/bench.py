@@ -19,7 +19,7 @@ def register(sub):
     mcl.add_argument("--json", help="write the results here (default: OUT/mcl.json)")
     mcl.add_argument("--matrix", action="store_true", help="print every method's P matrix")
     mcl.add_argument("--resume", action="store_true",
-                     help="continue the benchmark in OUT: finished stages are skipped")
+                     help="continue the benchmark in OUT: finished steps are skipped")
     mcl.set_defaults(func=_mcl)
     summary = bench.add_parser("mcl-summary", help="mean and spread of BRG over MCL results")
     summary.add_argument("results", nargs="+", help="JSON files written by `mera bench mcl`")

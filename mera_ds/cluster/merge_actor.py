@@ -1,4 +1,4 @@
-"""The merge actor: runs the merge stage on a Ray cluster, its output shards fanned out to tasks.
+"""The merge actor: runs a merge step on a Ray cluster, its output shards fanned out to tasks.
 
 The actor plans the merge and commits the output (mera_ds.merge.engine.merge_llm); each group of
 output shards is merged and written by a Ray task (one CPU each), so a large LLM is merged by as

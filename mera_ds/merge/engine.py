@@ -190,7 +190,7 @@ def _merge_piece(strategy: Strategy, spec: TensorSpec, start: int, raw: list[tor
 def merge_shards(job: MergeJob, progress: Optional[Callable[[int], None]] = None) -> list[str]:
     """Compute and write the shards of `job`; returns their file names.
 
-    Three stages overlap: a thread reads the next piece of every input, this thread merges the
+    Three things overlap: a thread reads the next piece of every input, this thread merges the
     current one, and a thread writes the previous result. Memory: two pieces of each input and
     two output pieces (whole tensors for a strategy that is not elementwise), whatever the size
     of the model.

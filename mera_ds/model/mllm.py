@@ -268,7 +268,7 @@ def trainable_parameters(mllm: MLLM) -> dict[str, list[nn.Parameter]]:
 
 def param_groups(mllm: MLLM, lr_llm: float, lr_connector: float,
                  weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer parameter groups with the per-kind learning rates of the finetune stage (the
+    """Optimizer parameter groups with the per-kind learning rates of the finetune phase (the
     paper: 2e-4 for the LLM, 2e-5 for the connector); groups without trainable parameters are
     left out."""
     lrs = {"llm": lr_llm, "connectors": lr_connector}

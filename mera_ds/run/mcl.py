@@ -22,7 +22,7 @@ import statistics
 import time
 from typing import Optional
 
-from mera_ds.config import RunConfig
+from mera_ds.config import RunConfig, TrainingSettings
 from mera_ds.errors import MeraError
 from mera_ds.run.layout import RunLayout
 from mera_ds.run.manifest import Manifest
@@ -50,7 +50,7 @@ def bench_config(cfg: RunConfig, order: Optional[list[str]], seed: Optional[int]
 
     if cfg.stages.align.enabled:
         raise MeraError("stages.align.enabled: the MCL benchmark compares methods without the "
-                        "align stage; disable it in the config")
+                        "align phase; disable it in the config")
     modalities = cfg.modalities
     if order:
         known = [m.name for m in cfg.modalities]
@@ -63,9 +63,8 @@ def bench_config(cfg: RunConfig, order: Optional[list[str]], seed: Optional[int]
         modalities = [cfg.modality(m) for m in order]
     if len(modalities) < 2:
         raise MeraError("--order: the benchmark needs at least two modalities")
-    whole = {name: getattr(cfg.stages, name).model_copy(
-        update={"micro_batch_size": getattr(cfg.stages, name).batch_size})
-        for name in ("finetune", "realign")}
+    whole = {name: s.model_copy(update={"micro_batch_size": s.batch_size})
+             for name, s in cfg.stages if isinstance(s, TrainingSettings)}
     return cfg.model_copy(update={
         "modalities": modalities, "run_dir": absolute(out),
         "seed": cfg.seed if seed is None else seed,
@@ -118,7 +117,7 @@ def format_table(result: dict, matrix: bool = False) -> str:
     for n, r in result["methods"].items():
         brg = "n/a" if r["brg"] is None else f"{r['brg']:.2f}"
         lines.append(f"{n:<16}{brg:>9}{r['final_average']:>11.3f}{r['seconds']:>9.0f}")
-    lines.append(f"wall time {result['seconds']:.0f} s (shared stages run once)")
+    lines.append(f"wall time {result['seconds']:.0f} s (shared steps run once)")
     if matrix:
         for n, r in result["methods"].items():
             lines += ["", n, format_matrix(result["order"], r["P"])]
