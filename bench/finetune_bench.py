@@ -1,4 +1,4 @@
-"""Finetune-stage throughput: mera-ds's ZeRO-3 job against the recipe users would otherwise use,
+"""Finetune-job throughput: mera-ds's ZeRO-3 job against the recipe users would otherwise use,
 Hugging Face Trainer + DeepSpeed ZeRO-3 (LLaVA's), on the same LLaMA-shaped LLM and the same
 samples in the same order.
 
@@ -122,8 +122,8 @@ def finetune_step(cfg):
 
 
 def bench_mera(cfg, realign: bool = False) -> dict:
-    """The finetune stage itself (run_job), without the export; with `realign`, the same job
-    as the realign stage runs it: LLM frozen (no gradients, no optimizer state), connector
+    """The finetune job itself (run_job), without the export; with `realign`, the same job
+    as the realign phase runs it: LLM frozen (no gradients, no optimizer state), connector
     trained, same model and batches."""
     from mera_ds.train.recipe import run_job
 

@@ -91,15 +91,10 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
 def _predict(mllm, collate, m, settings) -> tuple[list[str], list[str], list[str]]:
     """(keys, predictions, answers) over modality m's eval samples, in batches."""
     keys, predictions, answers = [], [], []
-    batch: list[dict] = []
-    samples = read_samples(m.eval_shards, limit=settings.max_samples)
-    for sample in itertools.chain(samples, [None]):  # None: the end, flush the last batch
-        if sample is not None:
-            batch.append(sample)
-        if batch and (sample is None or len(batch) == settings.batch_size):
-            _generate(mllm, collate, batch, m.task.max_new_tokens, predictions, answers, keys)
-            batch = []
-            log.info("eval %s: %d samples", m.name, len(answers))
+    samples = iter(read_samples(m.eval_shards, limit=settings.max_samples))
+    while batch := list(itertools.islice(samples, settings.batch_size)):
+        _generate(mllm, collate, batch, m.task.max_new_tokens, predictions, answers, keys)
+        log.info("eval %s: %d samples", m.name, len(answers))
     if not answers:
         raise MeraError(f"{m.eval_shards}: no eval samples for modality {m.name}")
     return keys, predictions, answers
@@ -131,7 +126,8 @@ def performance_matrix(rows: list[dict]) -> tuple[list[str], list[list[float | N
 
 
 def backward_relative_gain(P: list[list[float | None]], order: Sequence[str]) -> float | None:
-    """BRG after the last stage T (the paper's definition): mean over i < T of P[T][i] / P[i][i] * 100.
+    """BRG after the last stage T (the paper's definition):
+    mean over i < T of P[T][i] / P[i][i] * 100.
 
     None with a single stage (nothing learned before). A modality with P[i][i] == 0 (it never
     learned its task, so no gain relative to it is defined) is left out of the mean with a

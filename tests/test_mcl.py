@@ -1,4 +1,4 @@
-"""`mera bench mcl`: every method over two modalities in one process, stages shared between
+"""`mera bench mcl`: every method over two modalities in one process, steps shared between
 methods computed once, the merge of the right inputs, resume, and the summary over runs."""
 import json
 import os
@@ -61,14 +61,14 @@ def test_every_method_gets_its_matrix_and_brg(mcl_run):
     assert (mcl_run["out"] / "mcl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_shared_stages_run_once_and_merge_uses_the_merge_chain(mcl_run):
-    stages = mcl_run["manifest"]["steps"]
-    finetunes = sorted(s for s in stages if s.endswith("/finetune"))
+def test_shared_steps_run_once_and_merge_uses_the_merge_chain(mcl_run):
+    steps = mcl_run["manifest"]["steps"]
+    finetunes = sorted(s for s in steps if s.endswith("/finetune"))
     # Stage 1 is one finetune for every method; at stage 2 seq and merge both start from
     # theta_1 (one finetune), replay trains on its own mix.
     assert finetunes == ["first/01-audio/finetune", "replay/02-video/finetune",
                          "seq/02-video/finetune"]
-    assert sorted(s for s in stages if "realign" in s) == [
+    assert sorted(s for s in steps if "realign" in s) == [
         "first/01-audio/realign-1", "first/01-audio/realign-10", "merge/02-video/realign-1",
         "merge/02-video/realign-10", "seq/02-video/realign-10"]
     # theta_2 = theta_1 + (theta_ft_2 - theta_1) / 2, theta_1 being the shared stage-1 finetune.
@@ -94,12 +94,19 @@ def test_rerun_needs_resume_and_resume_recomputes_nothing(mcl_run):
     before = {s: e["finished"] for s, e in mcl_run["manifest"]["steps"].items()}
     proc = bench(*mcl_run["args"], "--resume", "--matrix")
     assert proc.returncode == 0, proc.stderr
-    stages = json.loads((mcl_run["out"] / "manifest.json").read_text())["steps"]
-    assert {s: e["finished"] for s, e in stages.items()} == before
+    steps = json.loads((mcl_run["out"] / "manifest.json").read_text())["steps"]
+    assert {s: e["finished"] for s, e in steps.items()} == before
     again = json.loads((mcl_run["out"] / "mcl.json").read_text())
     assert {n: r["P"] for n, r in again["methods"].items()} == \
         {n: r["P"] for n, r in mcl_run["result"]["methods"].items()}
     assert "performance matrix P" in proc.stdout
+    # Resuming with fewer methods reuses their steps; a run report refuses the directory.
+    proc = bench(*mcl_run["args"], "--resume", "--methods", "mera-10")
+    assert proc.returncode == 0, proc.stderr
+    assert "merge/02-video/realign-10: done earlier, skipped" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mera_ds", "report", str(mcl_run["out"])],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "a benchmark directory" in proc.stderr
 
 
 def test_bad_order_is_one_line_naming_the_modality(tmp_path):

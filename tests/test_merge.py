@@ -1,4 +1,4 @@
-"""The merge stage: every strategy against its formula computed here, the HF-layout reader and
+"""The merge: every strategy against its formula computed here, the HF-layout reader and
 writer, input checks, commit by rename, the CLI, and the peak memory of a large merge."""
 import argparse
 import json

@@ -447,9 +447,9 @@ def test_collator_truncation():
         Collator(short, train=True)([sample("audio", np.random.default_rng(0))])
 
 
-# ---- forward/backward: what trains in each stage -----------------------------------------------
+# ---- forward/backward: what trains in each phase -----------------------------------------------
 
-STAGES = {  # stage -> (train the LLM?, connectors to train given the batch's modality)
+PHASES = {  # phase -> (train the LLM?, connectors to train given the batch's modality)
     "finetune": (True, lambda m: [m]),
     "align": (False, lambda m: [m]),
     "realign": (False, lambda m: MODALITIES),
@@ -486,10 +486,10 @@ def check_step(mllm, batch, llm_trains, trained_connectors):
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-@pytest.mark.parametrize("stage", ["finetune", "align"])
-def test_forward_backward(stage, modality):
+@pytest.mark.parametrize("phase", ["finetune", "align"])
+def test_forward_backward(phase, modality):
     mllm = build_mllm(run_config())
-    llm_trains, connectors = STAGES[stage]
+    llm_trains, connectors = PHASES[phase]
     set_trainable(mllm, llm=llm_trains, connectors=connectors(modality))
     rng = np.random.default_rng(0)
     batch = Collator(mllm, train=True)([sample(modality, rng, i=i) for i in range(3)])

@@ -17,6 +17,7 @@ CHANCE = {"image": 0.10, "video": 0.25, "audio": 1 / 7, "depth": 0.25}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_embedded_default_learns_every_modality_and_keeps_them(tmp_path):
     shards = synth_dataset(str(tmp_path / "shards"), seed=0)  # the built-in sizes
     cfg = default_config(shards, tmp_path / "run")

@@ -125,7 +125,7 @@ def test_align_trains_only_the_connector(tiny_config, tmp_path):
     assert not os.path.exists(layout.finetune_llm("image"))
 
 
-def test_hung_rank_times_out_naming_stage_and_rank(tiny_config, tmp_path):
+def test_hung_rank_times_out_naming_step_and_rank(tiny_config, tmp_path):
     cfg = small(tiny_config)
     cfg["cluster"]["timeout_s"] = 10
     t0 = time.time()
@@ -189,7 +189,7 @@ def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
     assert not os.path.exists(layout.train_state("image", "finetune"))
 
 
-def test_deepspeed_launcher_runs_the_stage_module(tiny_config, tmp_path):
+def test_deepspeed_launcher_runs_a_training_step(tiny_config, tmp_path):
     """The third way to run a step: `deepspeed --module mera_ds stage finetune` (2 ranks), which
     records it in the run's manifest as `mera run` would."""
     cfg = small(tiny_config, steps=4)

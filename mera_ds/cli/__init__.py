@@ -20,8 +20,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="run directory (default: the config's run_dir)")
     p.add_argument("--executor", choices=EXECUTORS, default="ray",
                    help="ray: training steps as Ray Train jobs, the rest as Ray tasks (default); "
-                        "local: every step in this process (one device, or each rank of a "
-                        "deepspeed/torchrun launch)")
+                        "local: in this process, on one device (`mera stage` of a training "
+                        "phase also in every rank of a deepspeed/torchrun launch)")
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS or a local instance)")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="training steps between resume checkpoints (default: a quarter)")
@@ -41,7 +41,7 @@ def execute_steps(args, cfg, steps, resume: bool):
     else:
         from mera_ds.cluster.executor import RayExecutor
 
-        executor = RayExecutor(cfg, args.checkpoint_every)
+        executor = RayExecutor(args.checkpoint_every)
     execute(cfg, steps, manifest, executor)
     return manifest
 

@@ -28,8 +28,9 @@ def register(sub):
 
 def _mcl(args):
     from mera_ds.config import load_config
+    from mera_ds.run.layout import RunLayout
     from mera_ds.run.mcl import bench_config, format_table, plot, run_mcl
-    from mera_ds.storage import join, write_json
+    from mera_ds.storage import write_json
 
     cfg = load_config(args.config)
     order = args.order.split(",") if args.order else None
@@ -38,11 +39,12 @@ def _mcl(args):
         "runs", "mcl", f"{'-'.join(order or [m.name for m in cfg.modalities])}-s{seed}")
     cfg = bench_config(cfg, order, seed, out)
     result = run_mcl(cfg, args.methods.split(",") if args.methods else None, resume=args.resume)
-    path = args.json or join(cfg.run_dir, "mcl.json")
+    path = args.json or RunLayout.of(cfg).mcl_results
+    image = RunLayout.of(cfg).mcl_results.removesuffix(".json") + ".png"
     write_json(path, result)
-    plot(result, join(cfg.run_dir, "mcl.png"))
+    plot(result, image)
     print("\n" + format_table(result, matrix=args.matrix))
-    print(f"\nresults: {path}\nplot: {join(cfg.run_dir, 'mcl.png')}")
+    print(f"\nresults: {path}\nplot: {image}")
 
 
 def _summary(args):

@@ -13,10 +13,16 @@ def register(sub):
 
 
 def _run(args):
+    import os
+
+    from mera_ds.errors import MeraError
     from mera_ds.run.layout import RunLayout
     from mera_ds.run.plan import Method, plan
     from mera_ds.run.report import build_report, format_text, write_report
 
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise MeraError("mera run under a launcher: run the whole plan in one process, or one "
+                        "training step on every rank with `mera stage PHASE --executor local`")
     cfg = run_config(args)
     timings = execute_steps(args, cfg, plan(cfg, Method.of(cfg), RunLayout.of(cfg)),
                             args.resume).timings

@@ -11,7 +11,6 @@ import tempfile
 from typing import Optional
 
 from mera_ds.config import RunConfig
-from mera_ds.errors import MeraError
 from mera_ds.storage import is_remote
 from mera_ds.train.recipe import JobSpec
 
@@ -72,14 +71,7 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
                                 failure_config=FailureConfig(max_failures=c.max_failures)),
     )
     log.info("%s: %d Ray Train workers", spec.name, c.num_workers)
-    try:
-        result = trainer.fit()
-    except Exception as e:  # Ray wraps the worker's error; show its first line, not a traceback
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
-        raise MeraError(f"{spec.name} failed on the cluster: {first}") from e
+    result = trainer.fit()
     if not is_remote(storage):
         shutil.rmtree(storage, ignore_errors=True)  # resume state is no artifact
     return dict(result.metrics or {})

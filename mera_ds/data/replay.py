@@ -1,9 +1,9 @@
 """Replay sampling: r% of a modality's training samples, kept for realigning its connector later.
 
-After modality i's finetune, exactly round(r * N_i) of its N_i training samples are drawn uniformly
-without replacement and copied, byte for byte, into replay shards (a run's RunLayout.replay_dir). Two
-passes over the training shards (list the keys, then copy the chosen samples), so only the keys are
-ever held in memory, never the samples.
+In stage i, exactly round(r * N_i) of modality i's N_i training samples are drawn uniformly
+without replacement and copied, byte for byte, into replay shards (RunLayout.replay_dir). Two
+passes over the training shards (list the keys, then copy the chosen samples), so only the keys
+are ever held in memory, never the samples.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mera_ds.errors import MeraError
 
 log = logging.getLogger("mera_ds.data")
 
-# Two data-parallel ranks each need a replay shard of their own (shards.rank_shards).
+# Two data-parallel ranks each need a replay shard of their own (tar.rank_shards).
 DEFAULT_NUM_SHARDS = 2
 REPLAY_PREFIX = "replay"
 MANIFEST = "replay.json"

@@ -2,8 +2,8 @@
 
 The shards are planned up front from the tensors' sizes (:func:`plan_shards`), so each shard's
 header is known before its first byte: :class:`ShardFileWriter` writes it and then streams each
-tensor's bytes as they are produced (memory: one tensor, or one piece of one). :class:`ShardedWriter`
-writes a whole directory tensor by tensor, with a plan (streaming) or without one (buffering one
+tensor's bytes as they are produced (memory: one tensor, or one piece of one).
+:class:`ShardedWriter` writes a whole directory tensor by tensor, with a plan (streaming) or without one (buffering one
 shard, flushed by size). Whoever writes a directory writes `model.safetensors.index.json` last
 (:func:`write_index`): on S3, where nothing can be renamed, a directory without its index is an
 incomplete one. Local directories are committed by rename (:func:`mera_ds.storage.committed_dir`).

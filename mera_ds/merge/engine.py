@@ -23,9 +23,9 @@ ties needs whole tensors (its top-k is over a whole delta): about (K + 3) x the 
 fp32 on top of that.
 
 Fan-out: the output shards are the units of work. Standalone they run inline (workers=1) or in a
-local process pool; in a Ray run the merge actor (mera_ds.cluster.merge_actor) hands groups of them to
-Ray tasks through `map_jobs`. A shard is computed the same way wherever it runs, so the result is
-identical, bit for bit.
+local process pool; in a Ray run the merge actor (mera_ds.cluster.merge_actor) hands groups of
+them to Ray tasks through `map_jobs`. A shard is computed the same way wherever it runs, so the
+result is identical, bit for bit.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Frozen modality encoders: a decoded sample -> a fixed number of feature tokens.
 
-Each encoder turns one decoded sample (docs/DATA.md) into a fixed-shape tensor with `preprocess`, and
-a batch of those into (B, num_tokens, out_dim) features with `forward`. Encoders are never trained:
+Each encoder turns one decoded sample (docs/DATA.md) into a fixed-shape tensor with
+`preprocess`, and a batch of those into (B, num_tokens, out_dim) features with `forward`. Encoders are never trained:
 parameters are frozen, the module stays in eval mode, and forward runs without autograd.
 
 Built-in tiny encoders (path unset) are random towers seeded from the modality name, so every

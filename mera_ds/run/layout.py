@@ -11,6 +11,7 @@ them. The plan, the executors, the report and the benchmark take every path from
     RUN/replay/<modality>/replay-NNNNNN.tar, replay.json
     RUN/tensorboard/NN-<modality>-<phase>/
     RUN/report/
+    RUN/mcl.json, mcl.png                      (a benchmark's results)
 
 A benchmark runs several methods in one directory: each *chain* (how theta_i comes from
 theta_{i-1}) has its stages under RUN/chains/<chain>/NN-<modality>/, and realigns, evaluations
@@ -55,10 +56,17 @@ class RunLayout:
         prefix = f"{self.chain}/" if self.chain else ""
         return f"{prefix}{self.stage_name(modality)}/{phase}{tag}"
 
+    @property
+    def stages_dir(self) -> str:
+        """RUN/stages, or a benchmark chain's RUN/chains/<chain>."""
+        return join(self.chains_dir, self.chain) if self.chain else join(self.run_dir, "stages")
+
+    @property
+    def chains_dir(self) -> str:
+        return join(self.run_dir, "chains")
+
     def stage_dir(self, modality: str) -> str:
-        base = join(self.run_dir, "chains", self.chain) if self.chain else \
-            join(self.run_dir, "stages")
-        return join(base, self.stage_name(modality))
+        return join(self.stages_dir, self.stage_name(modality))
 
     def phase_dir(self, modality: str, phase: str, tag: str = "") -> str:
         return join(self.stage_dir(modality), phase + tag)
@@ -103,3 +111,8 @@ class RunLayout:
     @property
     def report_dir(self) -> str:
         return join(self.run_dir, "report")
+
+    @property
+    def mcl_results(self) -> str:
+        """A benchmark's results (`mera bench mcl`): JSON; the plot has the same name, .png."""
+        return join(self.run_dir, "mcl.json")

@@ -24,15 +24,12 @@ log = logging.getLogger("mera_ds.run")
 Executor = Callable[[RunConfig, Step], dict]
 
 
-def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Executor
-            ) -> dict[str, dict]:
-    """Run the steps in order through `executor`, skipping those the manifest records; returns
-    {step name: result}."""
-    results = {}
+def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Executor) -> None:
+    """Run the steps in order through `executor`, skipping those the manifest records; their
+    results are in manifest.steps."""
     for step in steps:
-        results[step.name] = manifest.run(step.name, step.outputs, executor, cfg, step)
-        log.info("%s: %s", step.name, summary(results[step.name]))
-    return results
+        result = manifest.run(step.name, step.outputs, executor, cfg, step)
+        log.info("%s: %s", step.name, summary(result))
 
 
 def summary(result: dict) -> str:
@@ -48,8 +45,10 @@ def summary(result: dict) -> str:
     return "done"
 
 
-def run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int] = None) -> dict:
-    """Run one step of the plan here; returns its result."""
+def run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int] = None):
+    """Run one step of the plan here; returns its result (a dict or a dataclass).
+    `checkpoint_every`: training steps between resume checkpoints (default a quarter of the
+    job; 0: none, a job killed midway starts over)."""
     spec = step.spec
     if isinstance(spec, JobSpec):
         return train(cfg, spec, checkpoint_every)
@@ -62,12 +61,10 @@ def run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int] = None)
         return sample_replay(spec.source, spec.out, spec.ratio, spec.seed,
                              num_shards=spec.num_shards)
     if isinstance(spec, MergeSpec):
-        import dataclasses
-
         from mera_ds.merge.engine import merge_llm
 
-        return dataclasses.asdict(merge_llm(spec.prev, list(spec.finetuned), spec.out,
-                                            cfg.stages.merge, step=spec.step))
+        return merge_llm(spec.prev, list(spec.finetuned), spec.out, cfg.stages.merge,
+                         step=spec.step)
     if isinstance(spec, EvalSpec):
         return evaluate(cfg, step.modality, spec)
     raise TypeError(f"{step.name}: no way to run a {type(spec).__name__}")
@@ -75,12 +72,17 @@ def run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int] = None)
 
 def train(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None) -> dict:
     """A training job with this process as one rank (of a launcher's, or alone), resuming from
-    the state a failed attempt left; the state is removed once the artifacts are written."""
+    the state a failed attempt left in spec.state (a local or shared directory; with an s3://
+    run directory a killed job starts over: Ray keeps resume state there). The state is removed
+    once the artifacts are written."""
     import torch.distributed as dist
 
+    from mera_ds.storage import is_remote
     from mera_ds.train.recipe import run_job
     from mera_ds.train.runtime import DirCheckpointer
 
+    if checkpoint_every == 0 or is_remote(spec.state):
+        return run_job(cfg, spec)
     metrics = run_job(cfg, spec, DirCheckpointer(spec.state), checkpoint_every)
     if dist.get_rank() == 0:
         shutil.rmtree(spec.state, ignore_errors=True)

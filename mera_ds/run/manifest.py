@@ -14,12 +14,10 @@ import datetime
 import logging
 import os
 import time
-from typing import Union
-
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
 from mera_ds.run.layout import RunLayout
-from mera_ds.storage import exists, join, read_json, url_to_fs, write_json
+from mera_ds.storage import exists, read_json, url_to_fs, write_json
 
 log = logging.getLogger("mera_ds.manifest")
 
@@ -32,14 +30,15 @@ class Manifest:
         self.timings: dict[str, float] = {}  # seconds of the steps run by this process
 
     @classmethod
-    def open(cls, layout: RunLayout, cfg: RunConfig, method: Union[str, list[str]],
-             resume: bool) -> "Manifest":
+    def open(cls, layout: RunLayout, cfg: RunConfig, method: str, resume: bool) -> "Manifest":
         """The manifest of a new run (written now), or with `resume` of the run already in
-        layout.run_dir, which must have the same config, order and method."""
+        layout.run_dir, which must have the same config, order and method ("mera" for a run,
+        "mcl" for a benchmark)."""
         url = layout.manifest
         about = {"order": list(layout.order), "method": method, "config": cfg.fingerprint()}
-        if not exists(url):
-            if exists(join(layout.run_dir, "stages")) or exists(join(layout.run_dir, "chains")):
+        old = read(url) if exists(url) else None
+        if old is None or (not old.steps and not resume):  # nothing done yet: start afresh
+            if exists(layout.stages_dir) or exists(layout.chains_dir):
                 if not resume:
                     raise MeraError(f"{layout.run_dir}: holds stages but no manifest; run with "
                                     f"--resume to continue it, or choose another run_dir")
@@ -47,7 +46,6 @@ class Manifest:
             manifest = cls(url, about, {})
             manifest._write()
             return manifest
-        old = read(url)
         if not resume:
             raise MeraError(f"{layout.run_dir}: a run is already there "
                             f"({len(old.steps)} steps done); add --resume to continue it, "

@@ -72,13 +72,20 @@ def bench_config(cfg: RunConfig, order: Optional[list[str]], seed: Optional[int]
         "cluster": cfg.cluster.model_copy(update={"num_workers": 1})})
 
 
+def without_checkpoints(cfg: RunConfig, step) -> dict:
+    """The benchmark resumes step by step: its short jobs save no resume checkpoints."""
+    from mera_ds.run.local import run_step
+
+    return run_step(cfg, step, checkpoint_every=0)
+
+
 def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = False) -> dict:
     """Run the methods (default: all) over the config's modalities, in order; return
     {"order", "seed", "methods": {name: {"P", "brg", "final_average", "seconds"}}, "seconds"}.
     A method's `seconds`: what its steps took (shared ones included), as if it ran alone; the
     top-level `seconds`: this call's wall time, shared steps counted once."""
     from mera_ds.evaluate import backward_relative_gain, performance_matrix
-    from mera_ds.run.local import execute, run_step
+    from mera_ds.run.local import execute
 
     names = methods or list(METHODS)
     unknown = [n for n in names if n not in METHODS]
@@ -86,13 +93,14 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
         raise MeraError(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
     layout = RunLayout.of(cfg)
     plans = {n: plan(cfg, METHODS[n], layout, chained=True) for n in names}
-    manifest = Manifest.open(layout, cfg, names, resume)
+    manifest = Manifest.open(layout, cfg, "mcl", resume)
     t0 = time.time()
     # Stage by stage, every method's steps of the stage: a step shared with a method before it
     # is recorded by then and skipped.
     for modality in layout.order:
         for n in names:
-            execute(cfg, [s for s in plans[n] if s.modality == modality], manifest, run_step)
+            execute(cfg, [s for s in plans[n] if s.modality == modality], manifest,
+                    without_checkpoints)
         log.info("stage %s done, %.0f s so far", layout.stage_name(modality), time.time() - t0)
 
     out = {"order": list(layout.order), "seed": cfg.seed, "methods": {},

@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 from mera_ds.config import RunConfig
 from mera_ds.data.replay import ReplaySet
+from mera_ds.errors import MeraError
 from mera_ds.run.layout import RunLayout
 from mera_ds.train.jobs import align_job, finetune_job, realign_job
 from mera_ds.train.recipe import JobSpec
@@ -41,6 +42,10 @@ class Method:
     realign: Optional[float] = None  # replay ratio of the realign after each stage; None: none
     align: bool = False
 
+    def __post_init__(self):
+        if self.chain not in CHAINS:
+            raise MeraError(f"method chain {self.chain!r} is not one of {', '.join(CHAINS)}")
+
     @classmethod
     def of(cls, cfg: RunConfig) -> "Method":
         """What `mera run` does: MERA as the config sets it."""
@@ -48,40 +53,36 @@ class Method:
         return cls("merge", ra.replay_ratio if ra.enabled else None, cfg.stages.align.enabled)
 
 
+class _OneOutput:
+    out: str
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+
 @dataclass(frozen=True)
-class ReplaySpec:
+class ReplaySpec(_OneOutput):
     source: str          # the modality's training shards
     out: str             # the replay directory
     ratio: float
     seed: int
     num_shards: int      # one per training rank
 
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.out,)
-
 
 @dataclass(frozen=True)
-class MergeSpec:
+class MergeSpec(_OneOutput):
     prev: str                    # theta_{i-1}
     finetuned: tuple[str, ...]   # theta_ft_i
     out: str
     step: int                    # i
 
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.out,)
-
 
 @dataclass(frozen=True)
-class EvalSpec:
+class EvalSpec(_OneOutput):
     llm: str                     # theta_i
     connectors: dict             # {learned modality: connector file}
     out: str                     # metrics.json
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (self.out,)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class _Planner:
         return "seq" if self.method.chain == "merge" and i == 2 else self.method.chain
 
     def tag(self, ratio: Optional[float]) -> str:
-        return f"-{ratio * 100:g}" if self.chained and ratio is not None else ""
+        """Tells apart the replays (and realigns) of several replay ratios in one directory."""
+        several = self.chained or len(self.replay_ratios()) > 1
+        return f"-{ratio * 100:g}" if several and ratio is not None else ""
 
     def llm(self, i: int) -> Optional[str]:
         """theta_i (theta_0: the configured LLM, None for the built-in tiny one)."""
@@ -151,8 +154,8 @@ class _Planner:
         steps = []
         ft = self.at(self.finetune_owner(i))
         if self.method.align:
-            steps.append(Step(ft.step_name(m, "align"), "align", m, align_job(
-                cfg, m, self.llm(i - 1), ft.align_connector(m), **self.where(ft, m, "align"))))
+            steps.append(_training(align_job(cfg, m, self.llm(i - 1), ft.align_connector(m),
+                                             **self.where(ft, m, "align"))))
         for ratio in self.replay_ratios():
             tag = self.tag(ratio)
             steps.append(Step(self.root.step_name(m, "replay", tag), "replay", m, ReplaySpec(
@@ -181,7 +184,7 @@ class _Planner:
         else:
             data, trained = [cfg.modality(m).train_shards], (m,)
             init = {m: ft.align_connector(m)} if self.method.align else {}
-        return Step(ft.step_name(m, "finetune"), "finetune", m, finetune_job(
+        return _training(finetune_job(
             cfg, m, self.llm(i - 1), data, init, out_llm=ft.finetune_llm(m),
             out_connectors={o: ft.finetune_connector(m, o) for o in trained},
             **self.where(ft, m, "finetune")))
@@ -194,7 +197,7 @@ class _Planner:
         before = {o: ft.finetune_connector(m) if o == m else
                   self.at(self.llm_owner(i - 1)).realign_connector(self.order[i - 2], o, tag)
                   for o in learned}
-        return Step(out.step_name(m, "realign", tag), "realign", m, realign_job(
+        return _training(realign_job(
             self.cfg, m, self.llm(i), before, [ReplaySet(self.root.replay_dir(o, tag))
                                                for o in learned],
             {o: out.realign_connector(m, o, tag) for o in learned},
@@ -217,12 +220,15 @@ class _Planner:
                     EvalSpec(self.llm(i), connectors, out.eval_metrics(m, tag)))
 
 
+def _training(job: JobSpec) -> Step:
+    return Step(job.name, job.phase, job.modality, job)
+
+
 def find_step(steps: list[Step], phase: str, modality: str) -> Step:
     """The step of `phase` at `modality`'s stage (what `mera stage` runs)."""
-    from mera_ds.errors import MeraError
-
     for step in steps:
         if step.phase == phase and step.modality == modality:
             return step
-    raise MeraError(f"the run's plan has no {phase} step for modality {modality!r} "
-                    f"(is the phase enabled in the config?)")
+    why = {"merge": "the first stage has no merge",
+           "align": "stages.align.enabled is false"}.get(phase, "stages.realign.enabled is false")
+    raise MeraError(f"the run's plan has no {phase} step for modality {modality!r} ({why})")

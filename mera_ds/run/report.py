@@ -4,8 +4,8 @@ and the loss curves, read back from what the steps left under RUN (local or s3:/
 `build_report` only reads: the modality order from RUN/manifest.json, and through the run's
 layout the scores from each stage's eval/metrics.json and the losses from the TensorBoard logs of
 its training steps. A stage without metrics.json (a run still going, or one that stopped) is
-listed as not evaluated; P and BRG are over the evaluated stages. `write_report` renders RUN/report/: report.md, report.json,
-performance_matrix.png and loss_curves.png.
+listed as not evaluated; P and BRG are over the evaluated stages. `write_report` renders
+RUN/report/: report.md, report.json, performance_matrix.png and loss_curves.png.
 """
 from __future__ import annotations
 
@@ -76,13 +76,13 @@ def run_layout(run_dir: str) -> RunLayout:
     fs, root = url_to_fs(run_dir)
     if not fs.isdir(root):
         raise MeraError(f"{run_dir}: no such run directory")
-    url = join(run_dir, "manifest.json")
-    if not exists(url):
+    layout = RunLayout(run_dir, ())
+    if not exists(layout.manifest):
         raise MeraError(f"{run_dir}: no manifest.json; not a run directory")
-    recorded = manifest.read(url)
-    if not isinstance(recorded.about["method"], str):
-        raise MeraError(f"{run_dir}: a benchmark directory (methods "
-                        f"{', '.join(recorded.about['method'])}); its results are in mcl.json")
+    recorded = manifest.read(layout.manifest)
+    if recorded.about["method"] != "mera":
+        raise MeraError(f"{run_dir}: a benchmark directory; its results are in "
+                        f"{layout.mcl_results}")
     return RunLayout(run_dir, tuple(recorded.about["order"]))
 
 
@@ -93,7 +93,7 @@ def write_report(run_dir: str, report: dict | None = None) -> str:
     Rendered in a local temporary directory, then each file written whole (atomically on a local
     disk, one PUT on S3), so a reader never sees half a file."""
     report = report or build_report(run_dir)
-    out = join(report["run_dir"], "report")
+    out = RunLayout(report["run_dir"], ()).report_dir
     tmp = tempfile.mkdtemp(prefix="mera-report-")
     try:
         files = {"report.json": json.dumps(report, indent=2).encode(),
@@ -285,6 +285,6 @@ def _plot_losses(report: dict, path: str) -> None:
     else:
         ax.text(0.5, 0.5, "no TensorBoard loss logs", ha="center", va="center")
         ax.set_axis_off()
-    ax.set_title("training loss per stage job")
+    ax.set_title("training loss per training step (job)")
     fig.tight_layout()
     fig.savefig(path)
