@@ -138,3 +138,20 @@ def test_local_executor_runs_the_same_plan_as_ray(resumed_run):
     assert list(steps) == ["01-image/replay"]
     assert sorted(os.listdir(fresh / "replay" / "image")) == [
         "replay-000000.tar", "replay-000001.tar", "replay.json"]
+
+
+def test_a_failing_step_on_ray_is_one_line(resumed_run, tmp_path):
+    """A step that fails inside a Ray task ends the command with its own message, not the task's
+    traceback; the run keeps nothing of it."""
+    cfg = json.loads(json.dumps(resumed_run["cfg"]))
+    cfg["modalities"][0]["train_shards"] = str(tmp_path / "gone-{000000..000001}.tar")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "mera_ds", "stage", "replay", "--config",
+                           str(path), "--modality", "image", "--run", str(tmp_path / "run")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mera: error:")]
+    assert errors == [f"mera: error: 01-image/replay failed on the cluster: "
+                      f"{tmp_path}/gone-000000.tar: no such shard"], proc.stderr[-4000:]
+    assert not (tmp_path / "run" / "replay").exists()

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from mera_ds.errors import MeraError
 
-# Modules under mera_ds.cli, each adding its sub-commands; imported lazily so `mera --help` is fast.
-COMMANDS = ["config", "shards", "run", "stage", "merge", "report", "bench"]
 
 
 EXECUTORS = ("ray", "local")
@@ -64,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     # sets LOCAL_RANK, which is what is used).
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"mera_ds.cli.{name}").register(sub)
+    # Each sub-command module imports what it runs only when it runs (`mera --help` stays fast).
+    from mera_ds.cli import bench, config, merge, report, run, shards, stage
+
+    for command in (config, shards, run, stage, merge, report, bench):
+        command.register(sub)
     return parser
 
 
