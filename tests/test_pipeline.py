@@ -154,4 +154,4 @@ def test_a_failing_step_on_ray_is_one_line(resumed_run, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mera: error:")]
     assert errors == [f"mera: error: 01-image/replay failed on the cluster: "
                       f"{tmp_path}/gone-000000.tar: no such shard"], proc.stderr[-4000:]
-    assert not (tmp_path / "run" / "replay").exists()
+    assert not (tmp_path / "run" / "replay" / "image").exists()
