@@ -7,8 +7,6 @@ import sys
 
 from mera_ds.errors import MeraError
 
-
-
 EXECUTORS = ("ray", "local")
 
 
@@ -21,7 +19,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "phase also in every rank of a deepspeed/torchrun launch)")
     p.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS or a local instance)")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="training steps between resume checkpoints (default: a quarter)")
+                   help="training steps between resume checkpoints (default: a quarter of "
+                        "the job; 0: none)")
 
 
 def execute_steps(args, cfg, steps, resume: bool):

@@ -50,7 +50,8 @@ def _worker(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mera_ds.train.recipe import run_job
 
-    metrics = run_job(cfg, config["spec"], RayCheckpointer(), config["checkpoint_every"])
+    every = config["checkpoint_every"]  # 0: no resume checkpoints, a restart starts over
+    metrics = run_job(cfg, config["spec"], RayCheckpointer() if every != 0 else None, every)
     ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
 
