@@ -8,8 +8,10 @@ The repository is the job's working_dir (uploaded by Ray; virtual environments, 
 shards excluded), so the cluster runs this checkout's code. Variables for storage, Hugging Face,
 NCCL, DeepSpeed and mera-ds (AWS_*, FSSPEC_*, HF_*, NCCL_*, TORCH_*, DS_*, MERA_*) set where this
 script runs are passed to the job, but never over a value the user gives with --env or in
---runtime-env-json. Paths in CONFIG are taken from the working_dir on the cluster: point shards
-and run_dir at s3:// or a shared file system.
+--runtime-env-json, and never a secret (keys, tokens, passwords: Ray logs the runtime_env in plain
+text and the command line shows in `ps`); the job's processes take those from the cluster nodes'
+environment or credential files. Paths in CONFIG are taken from the working_dir on the cluster:
+point shards and run_dir at s3:// or a shared file system.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import os
 import shutil
 import subprocess
 import sys
+
+from mera_ds.cluster.connect import is_secret
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASS_THROUGH = ("AWS_", "FSSPEC_", "HF_", "NCCL_", "TORCH_", "DS_", "MERA_")
@@ -35,9 +39,16 @@ def runtime_env(user_json: str | None, env_args: list[str], environ: dict) -> di
         key, sep, value = item.partition("=")
         if not sep:
             sys.exit(f"submit: --env {item!r} is not KEY=VALUE")
+        if is_secret(key):
+            sys.exit(f"submit: --env {key}: a secret is not passed on the command line; set it "
+                     f"in the cluster nodes' environment or credential files")
         env_vars[key] = value
+    secrets = [k for k in env_vars if is_secret(k)]
+    if secrets:
+        sys.exit(f"submit: --runtime-env-json: {secrets[0]} is a secret; Ray would log it in "
+                 f"plain text; set it in the cluster nodes' environment or credential files")
     for key, value in environ.items():
-        if key.startswith(PASS_THROUGH):
+        if key.startswith(PASS_THROUGH) and not is_secret(key):
             env_vars.setdefault(key, value)
     return env
 

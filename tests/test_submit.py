@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from mera_ds.config import parse_config
@@ -20,10 +21,25 @@ def test_runtime_env_passes_variables_without_overwriting_the_users():
     from submit import runtime_env
 
     env = runtime_env('{"env_vars": {"HF_HOME": "/mine"}}', ["MERA_EXPORT_BUCKET=32MB"],
-                      {"HF_HOME": "/theirs", "AWS_REGION": "eu", "HOME": "/root"})
+                      {"HF_HOME": "/theirs", "AWS_REGION": "eu", "HOME": "/root",
+                       "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s",
+                       "AWS_SESSION_TOKEN": "t", "HF_TOKEN": "hf"})
+    # Secrets never travel in the runtime_env (Ray logs it) nor on the command line.
     assert env["env_vars"] == {"HF_HOME": "/mine", "MERA_EXPORT_BUCKET": "32MB",
                                "AWS_REGION": "eu"}
     assert env["working_dir"] == ROOT and ".venv" in env["excludes"]
+    with pytest.raises(SystemExit, match="HF_TOKEN: a secret is not passed on the command line"):
+        runtime_env(None, ["HF_TOKEN=hf"], {})
+    with pytest.raises(SystemExit, match="AWS_SECRET_ACCESS_KEY is a secret"):
+        runtime_env('{"env_vars": {"AWS_SECRET_ACCESS_KEY": "s"}}', [], {})
+
+
+def test_ray_workers_get_no_secret_in_their_runtime_env():
+    from mera_ds.cluster.connect import WORKER_ENV, is_secret
+
+    assert not [k for k in WORKER_ENV if is_secret(k)]
+    assert is_secret("AWS_SECRET_ACCESS_KEY") and is_secret("hf_token")
+    assert not is_secret("AWS_ENDPOINT_URL")
 
 
 def test_ray_job_submit_runs_a_small_run(tiny_config, tmp_path):

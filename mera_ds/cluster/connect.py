@@ -7,10 +7,20 @@ import os
 
 log = logging.getLogger("mera_ds.cluster")
 
-# Passed to every Ray worker unless the user's environment already sets them.
-WORKER_ENV = ("DS_ACCELERATOR", "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE",
-              "PYTHONPATH", "MERA_EXPORT_BUCKET")
+# Passed to every Ray worker unless the user's environment already sets them. Never secrets: Ray
+# writes a runtime_env in plain text to its logs on every node and keeps it with the job, so keys
+# and tokens reach workers from their node's environment or credential files (a local instance's
+# workers inherit this process's environment).
+WORKER_ENV = ("DS_ACCELERATOR", "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+              "HF_HOME", "HF_HUB_OFFLINE", "PYTHONPATH", "MERA_EXPORT_BUCKET")
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY", "API_KEY")
+
+
+def is_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, HF_TOKEN, ...): such values never go into a runtime_env or a command
+    line."""
+    return any(m in name.upper() for m in SECRET_MARKERS)
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
