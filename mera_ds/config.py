@@ -79,14 +79,7 @@ class ModalityConfig(_Strict):
     @field_validator("train_shards", "eval_shards", "align_shards")
     @classmethod
     def _url(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        if not v.strip():
-            raise ValueError("empty shard pattern")
-        scheme = v.split("://", 1)[0] if "://" in v else "file"
-        if scheme not in ("file", "s3"):
-            raise ValueError(f"unsupported URL scheme {scheme!r} in {v!r} (local path or s3://)")
-        return absolute(v)
+        return None if v is None else storage_url(v, "shard pattern")
 
 
 class LLMConfig(_Strict):
@@ -219,7 +212,7 @@ class RunConfig(_Strict):
     @field_validator("run_dir")
     @classmethod
     def _run_dir(cls, v: str) -> str:
-        return absolute(v)
+        return storage_url(v, "run directory")
 
     @field_validator("modalities")
     @classmethod
@@ -273,6 +266,16 @@ def _flat(d: dict, prefix: str = ""):
             yield from _flat(v, key + ".")
         elif key not in NOT_FINGERPRINTED:
             yield key, v
+
+
+def storage_url(v: str, what: str) -> str:
+    """A local path (made absolute) or an s3:// URL; anything else is an error."""
+    if not v.strip():
+        raise ValueError(f"empty {what}")
+    scheme = v.split("://", 1)[0] if "://" in v else "file"
+    if scheme not in ("file", "s3"):
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {v!r} (local path or s3://)")
+    return absolute(v)
 
 
 def absolute(path: str) -> str:
@@ -341,13 +344,32 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
         raise ConfigError(f"{source}: {loc}: {_describe(err)}{more}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently, so a
+    pasted-in second `stages:` would undo the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str) -> RunConfig:
     """Read and validate a run config; every problem is one ConfigError line naming the file."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

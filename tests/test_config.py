@@ -141,3 +141,26 @@ def test_cli_prints_one_line_error(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines == [f"mera: error: {path}: stages.merge.strategy: 'slerp' is not a merge "
                      f"strategy (one of mera, linear, task_arithmetic, ties, dare)"]
+
+
+@pytest.mark.parametrize("run_dir, message", [
+    ("", "run_dir: empty run directory"),
+    ("ftp://host/runs/a", "run_dir: unsupported URL scheme 'ftp'"),
+])
+def test_bad_run_dir_is_refused(tmp_path, run_dir, message):
+    data = base()
+    data["run_dir"] = run_dir
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, data))
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a directory, not a config file"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"run_dir: x\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="binary.yaml: not a text file"):
+        load_config(str(binary))
+    text = open(DEFAULT).read() + "seed: 3\n"  # a second `seed:` would silently win
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+: duplicate key 'seed'"):
+        load_config(write(tmp_path, text))

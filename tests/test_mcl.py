@@ -125,3 +125,12 @@ def test_summary_gives_mean_and_spread_per_method():
     table = summarize(runs)
     assert "2 runs: a,b/s0, a,b/s1" in table
     assert "| seq-ft | 50.00 | 14.14 | 40.00..60.00 | 0.600 | 0.141 |" in table
+
+
+def test_summary_of_something_else_is_one_line(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("{}")
+    proc = bench("mcl-summary", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mera: error: {path}: not a result of `mera bench mcl` (no order, seed and methods)"]

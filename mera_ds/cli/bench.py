@@ -48,7 +48,15 @@ def _mcl(args):
 
 
 def _summary(args):
+    from mera_ds.errors import MeraError
     from mera_ds.run.mcl import summarize
     from mera_ds.storage import read_json
 
-    print(summarize([read_json(p) for p in args.results]))
+    results = []
+    for path in args.results:
+        result = read_json(path)
+        if not isinstance(result, dict) or not {"order", "seed", "methods"} <= set(result):
+            raise MeraError(f"{path}: not a result of `mera bench mcl` (no order, seed and "
+                            f"methods)")
+        results.append(result)
+    print(summarize(results))
