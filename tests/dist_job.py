@@ -14,6 +14,7 @@ from mera_ds.run.layout import RunLayout
 from mera_ds.run.plan import Method, find_step, plan
 from mera_ds.train.export import gathered
 from mera_ds.train.recipe import run_job
+from mera_ds.train.runtime import shutdown_distributed
 
 
 def main():
@@ -45,6 +46,7 @@ def main():
     if dist.get_rank() == 0:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(metrics, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

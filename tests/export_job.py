@@ -22,7 +22,7 @@ def main():
     from mera_ds.config import LLMConfig, parse_config
     from mera_ds.model.llm import build_llm
     from mera_ds.train.export import export_llm
-    from mera_ds.train.runtime import init_distributed
+    from mera_ds.train.runtime import init_distributed, shutdown_distributed
 
     cfg = parse_config({"run_dir": out, "modalities": [
         {"name": "image", "encoder": {"type": "clip_vision"}, "train_shards": "x",
@@ -47,6 +47,7 @@ def main():
     largest = max(p.ds_numel * p.element_size() for p in llm.parameters())
     print(json.dumps({"model_bytes": model_bytes, "largest_param_bytes": largest,
                       "extra_bytes": (peak - before) * 1024}))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -33,5 +33,9 @@ def _run(args):
     cfg.modality(args.modality)  # names the modality at fault before anything starts
     step = find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), args.phase, args.modality)
     result = execute_steps(args, cfg, [step], resume=True).steps[step.name]["result"]
+    if args.executor == "local":
+        from mera_ds.train.runtime import shutdown_distributed
+
+        shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result, indent=2, sort_keys=True))

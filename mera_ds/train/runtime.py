@@ -54,6 +54,15 @@ def init_distributed(cfg: RunConfig) -> None:
                                timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s))
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together, at the end of a launcher's process: every rank waits for
+    the others, then destroys it. A rank that exits while a peer still talks to it can be
+    aborted by gloo at exit ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(cfg: RunConfig) -> torch.device:
     if cfg.cluster.use_gpu:
         if not torch.cuda.is_available():
