@@ -39,8 +39,8 @@ def _mcl(args):
         "runs", "mcl", f"{'-'.join(order or [m.name for m in cfg.modalities])}-s{seed}")
     cfg = bench_config(cfg, order, seed, out)
     result = run_mcl(cfg, args.methods.split(",") if args.methods else None, resume=args.resume)
-    path = args.json or RunLayout.of(cfg).mcl_results
-    image = RunLayout.of(cfg).mcl_results.removesuffix(".json") + ".png"
+    layout = RunLayout.of(cfg)
+    path, image = args.json or layout.mcl_results, layout.mcl_plot
     write_json(path, result)
     plot(result, image)
     print("\n" + format_table(result, matrix=args.matrix))

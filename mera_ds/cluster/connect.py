@@ -17,9 +17,8 @@ SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY", "AP
 
 
 def is_secret(name: str) -> bool:
-    """Whether an environment variable's name says it holds a secret (AWS_SECRET_ACCESS_KEY,
-    AWS_SESSION_TOKEN, HF_TOKEN, ...): such values never go into a runtime_env or a command
-    line."""
+    """Whether an environment variable's name says it holds a secret (a cloud key, a session or
+    hub token, a password). Such values are never passed to Ray or put on a command line."""
     return any(m in name.upper() for m in SECRET_MARKERS)
 
 

@@ -114,5 +114,9 @@ class RunLayout:
 
     @property
     def mcl_results(self) -> str:
-        """A benchmark's results (`mera bench mcl`): JSON; the plot has the same name, .png."""
+        """A benchmark's results (`mera bench mcl`), JSON."""
         return join(self.run_dir, "mcl.json")
+
+    @property
+    def mcl_plot(self) -> str:
+        return join(self.run_dir, "mcl.png")
