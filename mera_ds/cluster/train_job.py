@@ -13,6 +13,7 @@ from typing import Optional
 from mera_ds.config import RunConfig
 from mera_ds.storage import is_remote
 from mera_ds.train.recipe import JobSpec
+from mera_ds.train.runtime import restore_state
 
 log = logging.getLogger("mera_ds.cluster")
 
@@ -28,8 +29,7 @@ class RayCheckpointer:
         if ckpt is None:
             return 0
         with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d)
-        return int(client["step"])
+            return restore_state(engine, d)
 
     def save(self, engine, step: int, metrics: dict) -> None:
         import ray.train

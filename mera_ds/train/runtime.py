@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from typing import Optional, Protocol
 
@@ -34,24 +33,37 @@ def init_distributed(cfg: RunConfig) -> None:
     hung collective ends in an error after cluster.timeout_s rather than a silent hang."""
     import deepspeed
 
-    # Under Ray Train the torch process group exists already (TorchConfig set its timeout);
-    # deepspeed.init_distributed then only wraps it, which DeepSpeed needs to see the world size.
-    if not dist.is_initialized() and "RANK" not in os.environ:  # one process, no launcher
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if os.environ.get("MASTER_ADDR", "").startswith("127.") or os.environ.get(
+    timeout = datetime.timedelta(seconds=cfg.cluster.timeout_s)
+    backend = "nccl" if cfg.cluster.use_gpu else "gloo"
+    if os.environ.get("MASTER_ADDR", "127.0.0.1").startswith("127.") or os.environ.get(
             "MASTER_ADDR") == "localhost":
         # All ranks on this host: keep gloo's sockets on loopback too (it otherwise binds to the
         # interface the host name resolves to).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # Under Ray Train the torch process group exists already (TorchConfig set its timeout);
+    # deepspeed.init_distributed then only wraps it, which DeepSpeed needs to see the world size.
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        # One process, no launcher: an in-memory store, so nothing listens on a port (a TCPStore
+        # would listen on every interface, unauthenticated).
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     if cfg.cluster.use_gpu:
         # Fail fast on NCCL timeouts instead of leaving ranks blocked in a kernel.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo",
-                               timeout=datetime.timedelta(seconds=cfg.cluster.timeout_s))
+    else:
+        _without_shm_allreduce()
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+
+def _without_shm_allreduce() -> None:
+    """On CPU, DeepSpeed's shared-memory all-reduce is JIT-compiled by every rank under a lock
+    that a killed build leaves behind (every later job then waits on it forever), and it leaves a
+    69 MB /dev/shm buffer per rank, named by address and port, that a later job on the same port
+    meets half-written (ranks aborted). CPU runs are tests and demos: gloo's all-reduce serves."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown_distributed() -> None:
@@ -120,6 +132,42 @@ class Checkpointer(Protocol):
         """Save the engine's state after `step` steps (collective: every rank calls it)."""
 
 
+# What DeepSpeed pickles into its resume state besides tensors and containers (ZeRO-3; fp16 adds
+# the dynamic loss scaler). Loading allows these and nothing else.
+STATE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                 "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def load_state_file(path: str, map_location=None):
+    """torch.load of one resume-state file with weights_only: the run directory may be a shared
+    bucket, and DeepSpeed's own load (weights_only=False) would run any pickle planted there."""
+    import importlib
+    import pickle
+
+    allowed = []
+    for name in STATE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or ["unpickling refused"])[0]
+        raise MeraError(f"{path}: resume state refused, it holds more than tensors and "
+                        f"DeepSpeed's own state ({first})") from None
+
+
+def restore_state(engine, directory: str) -> int:
+    """Load the DeepSpeed checkpoint in `directory` into the engine (through
+    :func:`load_state_file`); returns the step it was saved at."""
+    engine.checkpoint_engine.load = load_state_file
+    _, client = engine.load_checkpoint(directory)
+    if client is None:
+        raise MeraError(f"{directory}: no resume state DeepSpeed can read")
+    return int(client["step"])
+
+
 class DirCheckpointer:
     """DeepSpeed checkpoints in one local directory (shared by all ranks): the runs without Ray.
 
@@ -136,8 +184,7 @@ class DirCheckpointer:
     def restore(self, engine) -> int:
         if not os.path.exists(os.path.join(self.path, "latest")):
             return 0
-        _, client = engine.load_checkpoint(self.path)
-        return int(client["step"])
+        return restore_state(engine, self.path)
 
     def save(self, engine, step: int, metrics: dict) -> None:
         engine.save_checkpoint(self.path, tag=f"step{step}", client_state={"step": step})
