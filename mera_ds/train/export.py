@@ -64,11 +64,11 @@ def export_llm(llm, tokenizer, out_url: str, *, shard_size: int, bucket_bytes: i
     plan = [TensorSpec(n, dtype_code(p.dtype), tuple(getattr(p, "ds_shape", p.shape)))
             for n, p in named]
     with committed_dir(out_url) as tmp:
+        save_llm_metadata(llm, tokenizer, tmp)  # before the index, which marks it complete
         with ShardedWriter(tmp, max_shard_size=shard_size, plan=plan) as writer:
             for name, tensor in gathered(named, bucket_bytes):
                 writer.add(name, tensor)
                 del tensor
-        save_llm_metadata(llm, tokenizer, tmp)
     log.info("exported LLM (%d tensors) to %s", len(named), out_url)
     dist.barrier()
 
