@@ -32,6 +32,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+def _positive_sizes(v: dict[str, Any]) -> dict[str, Any]:
+    """A tiny model's overrides are sizes, counts and scales: a zero or negative one is a typo
+    that would otherwise fail deep inside transformers, or build a degenerate model."""
+    for key, value in v.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ValueError(f"{key} must be positive, got {value}")
+    return v
+
+
 class EncoderConfig(_Strict):
     """A frozen modality encoder: a built-in tiny one (path unset) or a pretrained HF path/id."""
 
@@ -43,6 +52,8 @@ class EncoderConfig(_Strict):
     spatial_grid: int = Field(2, ge=1, description="video: each frame pooled to a grid x grid")
     num_tokens: int = Field(4, ge=1, description="whisper, precomputed: tokens per sample")
     feature_dim: Optional[int] = Field(None, ge=1, description="precomputed: feature width")
+
+    _tiny = field_validator("tiny")(classmethod(lambda cls, v: _positive_sizes(v)))
 
     @model_validator(mode="after")
     def _precomputed_needs_dim(self):
@@ -91,6 +102,8 @@ class LLMConfig(_Strict):
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention",
                                  "eager"] = "auto"
     max_length: int = Field(256, ge=8, description="tokens per sample, modality tokens included")
+
+    _tiny = field_validator("tiny")(classmethod(lambda cls, v: _positive_sizes(v)))
 
 
 class TrainingSettings(_Strict):

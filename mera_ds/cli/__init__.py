@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mera_ds.errors import MeraError
@@ -29,9 +30,13 @@ def execute_steps(args, cfg, steps, resume: bool):
     from mera_ds.run.layout import RunLayout
     from mera_ds.run.local import execute, run_step
     from mera_ds.run.manifest import Manifest
+    from mera_ds.run.preflight import preflight
 
+    on_ray = args.executor == "ray"
+    preflight(cfg, steps, cfg.cluster.num_workers if on_ray else int(os.environ.get(
+        "WORLD_SIZE", 1)), cfg.cluster.ray_address if on_ray else None)
     manifest = Manifest.open(RunLayout.of(cfg), cfg, "mera", resume)
-    if args.executor == "local":
+    if not on_ray:
         def executor(c, step):
             return run_step(c, step, args.checkpoint_every)
     else:
@@ -56,6 +61,8 @@ def run_config(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mera", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="let errors through with their traceback (also: MERA_DEBUG=1)")
     # The deepspeed launcher passes each rank --local_rank=N before the sub-command (and also
     # sets LOCAL_RANK, which is what is used).
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -72,14 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get("MERA_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
-    except MeraError as e:
-        # Bad input is the user's to fix: one line, no traceback.
-        print(f"mera: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        # Bad input is the user's to fix: one line, no traceback. Anything else is ours, still
+        # one line, with the way to the traceback.
+        if isinstance(e, MeraError):
+            print(f"mera: error: {e}", file=sys.stderr)
+            return 2
+        print(f"mera: error: {describe(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def describe(e: BaseException) -> str:
+    """One line for an error that is not a MeraError: the file an OSError names, and the last
+    line of the message (where chained tracebacks printed as text end)."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
 
 
 if __name__ == "__main__":

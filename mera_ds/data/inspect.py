@@ -5,21 +5,13 @@ import json
 from collections import Counter
 from typing import Any
 
-from mera_ds import storage
-from mera_ds.data.tar import CorruptDataError, expand_shards, raw_samples
-from mera_ds.errors import MeraError
+from mera_ds.data.tar import CorruptDataError, existing_shards, raw_samples
 
 
 def inspect_shards(pattern: str) -> dict[str, Any]:
     """Read every sample of `pattern` (inputs are not decoded) and summarise it:
     {"pattern", "shards", "samples", "fields", "modalities": {m: n}, "answers": {m: {a: n}}}."""
-    urls = expand_shards(pattern)
-    missing = [u for u in urls if not storage.exists(u)]
-    if len(missing) == len(urls):
-        raise MeraError(f"{pattern}: no shards matched")
-    if missing:
-        raise MeraError(f"{missing[0]}: no such shard ({len(missing)} of the {len(urls)} "
-                        f"shards of {pattern} are missing)")
+    urls = existing_shards(pattern)
     fields: set[str] = set()
     modalities: Counter[str] = Counter()
     answers: dict[str, Counter[str]] = {}

@@ -3,11 +3,13 @@ names, which of them a rank reads, and their raw (undecoded) samples.
 
 The tar reading is ours, not webdataset's, because webdataset's tar iterator ends quietly at a bad
 header and its errors lose the shard and sample names: here every bad shard stops with a one-line
-CorruptDataError naming the shard URL and the sample being read.
+CorruptDataError naming the shard URL and the sample being read, and a shard that cannot be
+reached (denied, missing, a network failure) is a plain MeraError, never taken for corrupt data.
 """
 from __future__ import annotations
 
 import glob
+import gzip
 import re
 import tarfile
 import zlib
@@ -50,6 +52,36 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+def existing_shards(pattern: str) -> list[str]:
+    """The shard URLs of `pattern`, each checked to exist (one listing per directory): what a
+    run checks before any job starts, so a typo costs seconds rather than a started job."""
+    urls = expand_shards(pattern)
+    listed: dict[str, set[str]] = {}
+    for url in urls:
+        head = _parent(url)
+        if head not in listed:
+            fs, path = storage.url_to_fs(head)
+            with storage.accessing(url):
+                try:
+                    listed[head] = {p.rstrip("/").rsplit("/", 1)[-1]
+                                    for p in fs.ls(path, detail=False)}
+                except (FileNotFoundError, NotADirectoryError) as e:
+                    if "bucket" in str(e).lower():
+                        raise
+                    listed[head] = set()
+    missing = [u for u in urls if u.rsplit("/", 1)[-1] not in listed[_parent(u)]]
+    if len(missing) == len(urls) > 1:
+        raise MeraError(f"{pattern}: no shards matched")
+    if missing:
+        raise MeraError(f"{missing[0]}: no such shard ({len(missing)} of the {len(urls)} "
+                        f"shards of {pattern} are missing)")
+    return urls
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
 def rank_shards(pattern: str, urls: Sequence[str], rank: int, world_size: int) -> list[str]:
     """The shards of one rank: disjoint across ranks, together all of them."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -88,8 +120,9 @@ def raw_samples(url: str) -> Iterator[dict[str, Any]]:
     """
     key = None
     current: dict[str, Any] | None = None
+    fs, path = storage.url_to_fs(url)
     try:
-        with storage.open_url(url, "rb") as f, \
+        with fs.open(path, "rb") as f, \
                 tarfile.open(fileobj=f, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isreg():
@@ -108,11 +141,18 @@ def raw_samples(url: str) -> Iterator[dict[str, Any]]:
                     raise CorruptDataError(f"{url}: sample {prefix!r}: duplicate member {ext!r}",
                                            kind="shard")
                 current[ext] = data
-    except FileNotFoundError:
-        raise MeraError(f"{url}: no such shard") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except MeraError:
+        raise
+    except FileNotFoundError as e:
+        raise (storage.access_error(url, e) if "bucket" in str(e).lower()
+               else MeraError(f"{url}: no such shard")) from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         where = f"at sample {key!r}" if key else "before its first sample"
-        raise CorruptDataError(f"{url}: corrupt or unreadable shard {where}: {e}",
-                               kind="shard") from None
+        raise CorruptDataError(f"{url}: corrupt shard {where}: {e}", kind="shard") from None
+    except Exception as e:
+        # Denied, unreachable, or an I/O error: not the data's fault, so never skipped as corrupt.
+        err = storage.access_error(url, e) or MeraError(
+            f"{url}: cannot read shard: {type(e).__name__}: {e}")
+        raise err from e
     if current is not None:
         yield current

@@ -105,6 +105,8 @@ def read_header(url: str) -> tuple[list[TensorInfo], dict]:
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), \
                 entry["data_offsets"]
+            if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise MeraError(f"{url}: tensor {name}: malformed header entry {entry!r}") from None
         if dtype not in DTYPES:
@@ -135,8 +137,15 @@ class Checkpoint:
             if not isinstance(weight_map, dict) or not weight_map:
                 raise MeraError(f"{index_url}: no weight_map in the index")
             files = sorted(set(weight_map.values()))
+            for name in files:  # a file of this directory, never one reached through it
+                if not isinstance(name, str) or "/" in name or "\\" in name or \
+                        name in ("", ".", ".."):
+                    raise MeraError(f"{index_url}: weight_map names {name!r}, not a file of "
+                                    f"this directory")
         elif storage.exists(single_url):
             weight_map, files = None, [SINGLE_FILE]
+        elif not storage.exists(self.url):
+            raise MeraError(f"{self.url}: no such directory")
         else:
             raise MeraError(f"{self.url}: not an HF safetensors directory (no {SINGLE_FILE} "
                             f"or {INDEX_FILE})")

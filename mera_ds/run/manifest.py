@@ -92,10 +92,15 @@ class Manifest:
 def read(url: str) -> Manifest:
     """A run's manifest as it is on storage (for the report and resumes)."""
     data = read_json(url)
-    missing = [k for k in ("order", "method", "config", "steps")
-               if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise MeraError(f"{url}: not a mera-ds manifest of version {VERSION} (no {missing[0]!r})")
+    if not isinstance(data, dict):
+        raise MeraError(f"{url}: not a mera-ds manifest (a JSON {type(data).__name__})")
+    for key, kind in (("order", list), ("method", str), ("config", dict), ("steps", dict)):
+        if key not in data:
+            raise MeraError(f"{url}: not a mera-ds manifest of version {VERSION} (no {key!r})")
+        if not isinstance(data[key], kind) or (key == "order" and not all(
+                isinstance(m, str) for m in data[key])):
+            raise MeraError(f"{url}: {key!r} is not a JSON {kind.__name__}"
+                            f"{' of modality names' if key == 'order' else ''}")
     return Manifest(url, {k: data[k] for k in ("order", "method", "config")}, data["steps"])
 
 

@@ -18,7 +18,8 @@ from mera_ds.errors import MeraError
 from mera_ds.run import manifest
 from mera_ds.run.layout import RunLayout
 from mera_ds.run.plan import TRAINING_PHASES
-from mera_ds.storage import exists, is_remote, join, read_json, url_to_fs, write_bytes
+from mera_ds.storage import (accessing, exists, is_remote, join, read_json, url_to_fs,
+                             write_bytes)
 
 BRG_FORMULA = "BRG = mean over i < T of P[T][i] / P[i][i] * 100"
 
@@ -45,6 +46,9 @@ def build_report(run_dir: str) -> dict:
         row = read_json(url)
         if not isinstance(row, dict) or not isinstance(row.get("scores"), dict):
             raise MeraError(f"{url}: no 'scores' object")
+        for m, score in row["scores"].items():
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise MeraError(f"{url}: score of {m!r} is not a number ({score!r})")
         if row.get("modality") != modality:
             raise MeraError(f"{url}: modality {row.get('modality')!r}, its stage is "
                             f"{layout.stage_name(modality)}")
@@ -72,10 +76,16 @@ def build_report(run_dir: str) -> dict:
 
 def run_layout(run_dir: str) -> RunLayout:
     """The layout of the run in `run_dir`, from its manifest."""
-    run_dir = run_dir.rstrip("/")
+    from mera_ds.config import storage_url
+
+    try:
+        run_dir = storage_url(run_dir, "run directory").rstrip("/")
+    except ValueError as e:
+        raise MeraError(f"{run_dir}: {e}") from None
     fs, root = url_to_fs(run_dir)
-    if not fs.isdir(root):
-        raise MeraError(f"{run_dir}: no such run directory")
+    with accessing(run_dir):
+        if not fs.isdir(root):
+            raise MeraError(f"{run_dir}: no such run directory")
     layout = RunLayout(run_dir, ())
     if not exists(layout.manifest):
         raise MeraError(f"{run_dir}: no manifest.json; not a run directory")

@@ -1,0 +1,85 @@
+"""Checks before any step of a run starts, so that a mistake costs seconds rather than a started
+job (and its Ray retries): every shard the steps read exists and there are enough of them for the
+training ranks, the LLM and encoder paths exist, the run directory's bucket exists and the Ray
+cluster given is listening. The run's manifest is not written before these pass."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Iterable, Optional
+
+from mera_ds import storage
+from mera_ds.config import RunConfig
+from mera_ds.data.tar import existing_shards
+from mera_ds.errors import MeraError
+from mera_ds.run.plan import EvalSpec, ReplaySpec, Step
+from mera_ds.train.recipe import JobSpec
+
+
+def preflight(cfg: RunConfig, steps: Iterable[Step], ranks: int,
+              ray_address: Optional[str] = None) -> None:
+    """Raise a one-line MeraError for the first input of `steps` that is missing. `ranks`: the
+    processes of a training job (each needs a shard of its own); `ray_address`: a cluster the
+    steps will run on."""
+    steps = list(steps)
+    for pattern, training in _shard_patterns(cfg, steps):
+        urls = existing_shards(pattern)
+        if training and len(urls) < ranks:
+            raise MeraError(f"{pattern}: {len(urls)} shard(s) for {ranks} training ranks; every "
+                            f"rank needs a shard of its own (write more, smaller shards)")
+    modalities = {s.modality for s in steps} | {m for s in steps if isinstance(s.spec, EvalSpec)
+                                                for m in s.spec.connectors}
+    _model_path("llm.path", cfg.llm.path)
+    for i, m in enumerate(cfg.modalities):
+        if m.name in modalities:
+            _model_path(f"modalities[{i}].encoder.path", m.encoder.path)
+    if storage.is_remote(cfg.run_dir):
+        bucket = cfg.run_dir.split("://", 1)[1].split("/", 1)[0]
+        if not storage.exists(f"{cfg.run_dir.split('://', 1)[0]}://{bucket}"):
+            raise MeraError(f"{cfg.run_dir}: no such bucket {bucket!r} (run_dir)")
+    if ray_address:
+        _listening(ray_address)
+
+
+def _shard_patterns(cfg: RunConfig, steps: list[Step]) -> list[tuple[str, bool]]:
+    """(pattern, read by a training job) of every shard pattern the steps read, once each.
+    Replay sets are left out: an earlier step writes them."""
+    seen: dict[str, bool] = {}
+    for step in steps:
+        spec = step.spec
+        if isinstance(spec, JobSpec):
+            for d in spec.data:
+                if isinstance(d, str):
+                    seen[d] = True
+        elif isinstance(spec, ReplaySpec):
+            seen.setdefault(spec.source, False)
+        elif isinstance(spec, EvalSpec):
+            for m in spec.connectors:
+                seen.setdefault(cfg.modality(m).eval_shards, False)
+    return list(seen.items())
+
+
+def _model_path(field: str, path: Optional[str]) -> None:
+    """A local directory or s3:// URL must be there; a hub id ("org/name") is left to the hub."""
+    if path is None:
+        return
+    if storage.is_remote(path):
+        if not storage.exists(storage.join(path, "config.json")):
+            raise MeraError(f"{field}: {path} has no config.json (not a model directory)")
+        return
+    local = path.removeprefix("file://")
+    if (os.path.isabs(local) or local.startswith(".")) and not os.path.isdir(local):
+        raise MeraError(f"{field}: {path}: no such directory")
+
+
+def _listening(address: str) -> None:
+    """A Ray address (host:port or ray://host:port, "auto" excepted) accepts connections."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise MeraError(f"cluster.ray_address {address}: no Ray cluster there "
+                        f"({type(e).__name__}: {e})") from None
