@@ -1,10 +1,12 @@
 """The per-modality training job: 2 ranks, ZeRO-3, gloo, the tiny model, the built-in shards."""
+import glob
 import json
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,11 +25,13 @@ def torchrun(cfg: dict, phase: str, modality: str, out, env=None, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(ROOT, "tests", "dist_job.py"), path, phase, modality, str(out)]
+    shm = set(glob.glob("/dev/shm/deepspeed_*"))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
                                "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
+    assert set(glob.glob("/dev/shm/deepspeed_*")) <= shm, "the job left DeepSpeed buffers"
     return proc
 
 
@@ -210,3 +214,32 @@ def test_deepspeed_launcher_runs_a_training_step(tiny_config, tmp_path):
     assert not os.path.exists(layout.train_state("image", "finetune"))  # resume state cleared
     steps = json.loads(open(layout.manifest).read())["steps"]
     assert list(steps) == ["01-image/finetune"] and steps["01-image/finetune"]["result"]["loss"]
+
+
+class _Planted:
+    """What someone with write access to a shared run dir could leave in its resume state."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_in_resume_state_is_refused(tmp_path):
+    from mera_ds.errors import MeraError
+    from mera_ds.train.runtime import load_state_file
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _Planted(str(marker))}, path)
+    with pytest.raises(MeraError, match=r"optim_states\.pt: resume state refused"):
+        load_state_file(str(path))
+    assert not marker.exists()
+    # What DeepSpeed itself saves loads (the resumed runs of test_pipeline load real ones).
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.weights,
+                "state": {"step": torch.tensor(3)}}, path)
+    assert load_state_file(str(path))["zero_stage"] == ZeroStageEnum.weights
