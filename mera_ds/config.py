@@ -191,6 +191,8 @@ class ClusterConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="None starts a local Ray instance")
     timeout_s: int = Field(1800, ge=10, description="collective timeout (NCCL/gloo)")
     max_failures: int = Field(1, ge=0, description="Ray Train restarts of a failed job")
+    shared_run_dir: bool = Field(False, description="a local run_dir is on a filesystem that "
+                                 "every node of the Ray cluster mounts (NFS, Lustre, ...)")
 
     @field_validator("deepspeed_config")
     @classmethod

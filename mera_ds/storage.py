@@ -93,6 +93,16 @@ def exists(url: str) -> bool:
         return fs.exists(path)
 
 
+def remove(url: str) -> bool:
+    """Remove a file or directory tree, local or s3://, if it is there; whether it was."""
+    fs, path = url_to_fs(url)
+    with accessing(url):
+        if not fs.exists(path):
+            return False
+        fs.rm(path, recursive=True)
+    return True
+
+
 def open_url(url: str, mode: str = "rb"):
     fs, path = url_to_fs(url)
     if "w" in mode and not is_remote(url):

@@ -425,3 +425,20 @@ def test_debug_raises_for_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("MERA_DEBUG", "1")
     with pytest.raises(Exception, match="is a directory"):
         main(["config", "check", str(tmp_path)])
+
+
+def test_local_run_dir_on_a_multi_node_cluster_must_be_declared_shared(tmp_path):
+    from mera_ds.config import parse_config
+    from mera_ds.errors import MeraError
+    from mera_ds.run.preflight import check_nodes
+
+    cfg = parse_config(default_config({m: {"train": "a.tar", "eval": "b.tar"} for m in
+                                       ("image", "video", "audio", "depth")}, tmp_path / "run"))
+    check_nodes(cfg, 1)
+    with pytest.raises(MeraError, match=r"run_dir .*/run: a local directory, and the Ray "
+                                        r"cluster has 2 nodes; use an s3:// run_dir"):
+        check_nodes(cfg, 2)
+    shared = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(
+        update={"shared_run_dir": True})})
+    check_nodes(shared, 2)
+    check_nodes(cfg.model_copy(update={"run_dir": "s3://bucket/run"}), 2)

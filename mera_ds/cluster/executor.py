@@ -21,13 +21,21 @@ class RayExecutor:
 
     def __init__(self, checkpoint_every: Optional[int] = None):
         self.checkpoint_every = checkpoint_every
+        self.connected = False
 
     def __call__(self, cfg: RunConfig, step: Step):
         from mera_ds.cluster.connect import connect
 
-        # Enough CPUs for the training workers even on a small machine.
-        connect(cfg.cluster.ray_address,
-                num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers))
+        if not self.connected:
+            import ray
+
+            from mera_ds.run.preflight import check_nodes
+
+            # Enough CPUs for the training workers even on a small machine.
+            connect(cfg.cluster.ray_address,
+                    num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers))
+            check_nodes(cfg, sum(1 for n in ray.nodes() if n["Alive"]))
+            self.connected = True
         try:
             return self._run(cfg, step)
         except Exception as e:  # Ray wraps a worker's error in its traceback: one line of it

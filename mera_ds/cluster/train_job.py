@@ -11,7 +11,7 @@ import tempfile
 from typing import Optional
 
 from mera_ds.config import RunConfig
-from mera_ds.storage import is_remote
+from mera_ds.storage import is_remote, remove
 from mera_ds.train.recipe import JobSpec
 from mera_ds.train.runtime import restore_state
 
@@ -73,6 +73,5 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
     )
     log.info("%s: %d Ray Train workers", spec.name, c.num_workers)
     result = trainer.fit()
-    if not is_remote(storage):
-        shutil.rmtree(storage, ignore_errors=True)  # resume state is no artifact
+    remove(storage)  # resume state is no artifact
     return dict(result.metrics or {})

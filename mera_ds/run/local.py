@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Callable, Optional
 
 from mera_ds.config import RunConfig
@@ -77,7 +76,7 @@ def train(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None)
     once the artifacts are written."""
     import torch.distributed as dist
 
-    from mera_ds.storage import is_remote
+    from mera_ds.storage import is_remote, remove
     from mera_ds.train.recipe import run_job
     from mera_ds.train.runtime import DirCheckpointer
 
@@ -85,7 +84,7 @@ def train(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None)
         return run_job(cfg, spec)
     metrics = run_job(cfg, spec, DirCheckpointer(spec.state), checkpoint_every)
     if dist.get_rank() == 0:
-        shutil.rmtree(spec.state, ignore_errors=True)
+        remove(spec.state)
     return metrics
 
 

@@ -17,7 +17,7 @@ import time
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
 from mera_ds.run.layout import RunLayout
-from mera_ds.storage import exists, read_json, url_to_fs, write_json
+from mera_ds.storage import exists, read_json, remove, write_json
 
 log = logging.getLogger("mera_ds.manifest")
 
@@ -109,7 +109,5 @@ def _recording() -> bool:
 
 
 def _remove(url: str) -> None:
-    fs, path = url_to_fs(url)
-    if fs.exists(path):
-        log.warning("removing %s: left by an interrupted step, not in the manifest", url)
-        fs.rm(path, recursive=True)
+    if remove(url):
+        log.warning("removed %s: left by an interrupted step, not in the manifest", url)

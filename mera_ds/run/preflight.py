@@ -1,7 +1,8 @@
 """Checks before any step of a run starts, so that a mistake costs seconds rather than a started
 job (and its Ray retries): every shard the steps read exists and there are enough of them for the
 training ranks, the LLM and encoder paths exist, the run directory's bucket exists and the Ray
-cluster given is listening. The run's manifest is not written before these pass."""
+cluster given is listening. The run's manifest is not written before these pass; what needs the
+cluster (:func:`check_nodes`) is checked when the executor connects, before its first step."""
 from __future__ import annotations
 
 import os
@@ -83,3 +84,12 @@ def _listening(address: str) -> None:
     except (OSError, ValueError) as e:
         raise MeraError(f"cluster.ray_address {address}: no Ray cluster there "
                         f"({type(e).__name__}: {e})") from None
+
+
+def check_nodes(cfg: RunConfig, nodes: int) -> None:
+    """A local run_dir on a cluster of `nodes` nodes must be declared shared: workers on the
+    other nodes would otherwise write their artifacts where the next step cannot read them."""
+    if nodes > 1 and not storage.is_remote(cfg.run_dir) and not cfg.cluster.shared_run_dir:
+        raise MeraError(f"run_dir {cfg.run_dir}: a local directory, and the Ray cluster has "
+                        f"{nodes} nodes; use an s3:// run_dir, or one on a filesystem every node "
+                        f"mounts and set cluster.shared_run_dir: true")
