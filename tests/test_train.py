@@ -193,6 +193,33 @@ def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
     assert not os.path.exists(layout.train_state("image", "finetune"))
 
 
+def test_ray_job_does_not_retry_bad_input(tiny_config, tmp_path):
+    """A corrupt shard (found only when it is read, inside a worker) fails the job at once, with
+    max_failures restarts allowed: running it again would fail the same way."""
+    from mera_ds.data.tar import expand_shards
+
+    cfg = small(tiny_config, steps=4)
+    cfg["cluster"]["max_failures"] = 2
+    urls = expand_shards(cfg["modalities"][0]["train_shards"])
+    for k, url in enumerate(urls):
+        data = open(url, "rb").read()
+        (tmp_path / f"cut-{k}.tar").write_bytes(data[: len(data) // 3])
+    cfg["modalities"][0]["train_shards"] = str(tmp_path / "cut-{0..3}.tar")
+    cfg_path = tmp_path / "config.yaml"
+    import yaml
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mera_ds", "stage", "finetune", "--config", str(cfg_path),
+         "--modality", "image"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # (Ray's own log lines from the workers may come after it.)
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("mera: error: ")]
+    assert line.startswith("mera: error: 01-image/finetune failed on the cluster: ")
+    assert "cut-" in line and "corrupt shard" in line
+    assert "restarting from its latest checkpoint" not in proc.stderr
+
+
 def test_deepspeed_launcher_runs_a_training_step(tiny_config, tmp_path):
     """The third way to run a step: `deepspeed --module mera_ds stage finetune` (2 ranks), which
     records it in the run's manifest as `mera run` would."""

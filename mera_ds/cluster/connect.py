@@ -48,5 +48,11 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-             runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    # Ray Train's placement-group cleaner asks "the" state API of the machine: with no address
+    # it scans `ps` for Ray instances (and fails beside another `mera` command's) or asks
+    # 127.0.0.1:8265 (which another instance's dashboard may answer, about the wrong cluster).
+    # A local instance runs no dashboard; port 1 refuses at once and the cleaner just waits.
+    env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+    # "local": always a new instance, never one that `ray start` left in /tmp/ray.
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+             num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True)

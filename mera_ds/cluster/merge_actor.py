@@ -61,6 +61,11 @@ class MergeActor:
         options = {}
         if node_id is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        # A restarted actor (its process died) merges again from scratch. An `out` there now is
+        # the dead attempt's (the first attempt refused an existing one): replaced. Locally its
+        # temporary is removed by committed_dir; on S3, where it is written in place, this
+        # writes the new one whole before removing it.
+        overwrite = overwrite or ray.get_runtime_context().was_current_actor_reconstructed
         report = merge_llm(prev, finetuned, out, MergeConfig(**cfg), step=step,
                            overwrite=overwrite, map_jobs=_ray_map(options), groups=groups)
         return dataclasses.asdict(report)
@@ -78,7 +83,9 @@ def merge_on_ray(prev: str, finetuned: Sequence[str], out: str, cfg: MergeConfig
         node_id = ray.get_runtime_context().get_node_id()
     options = {} if node_id is None else {
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
-    actor = MergeActor.options(**options).remote()
+    # A merge whose actor process dies is run again on a restarted actor (the tasks it had
+    # started are killed with it by Ray); ray.kill below leaves no restart behind.
+    actor = MergeActor.options(max_restarts=1, max_task_retries=1, **options).remote()
     try:
         report = ray.get(actor.merge.remote(prev, list(finetuned), out, cfg.model_dump(), step,
                                             groups, overwrite, node_id))

@@ -1,7 +1,8 @@
 """A training step as a Ray Train TorchTrainer job: one worker per GPU (gloo on CPU, nccl on
 GPU), ranks and addresses from Ray, resume state in Ray checkpoints under the run directory, and
-FailureConfig restarting a job whose worker died. The workers run the same recipe as the other
-launchers (mera_ds.train.recipe.run_job) on the step's JobSpec."""
+a job whose worker died restarted from its checkpoint (bad input is not retried). The workers
+run the same recipe as the other launchers (mera_ds.train.recipe.run_job) on the step's
+JobSpec."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import tempfile
 from typing import Optional
 
 from mera_ds.config import RunConfig
+from mera_ds.errors import retryable
 from mera_ds.storage import is_remote, remove
 from mera_ds.train.recipe import JobSpec
 from mera_ds.train.runtime import restore_state
@@ -56,22 +58,47 @@ def _worker(config: dict) -> None:
 
 
 def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None) -> dict:
-    """Run one training job on the connected Ray cluster; return rank 0's final metrics."""
+    """Run one training job on the connected Ray cluster; return rank 0's final metrics.
+
+    A failed attempt is restarted from its latest checkpoint, up to cluster.max_failures times,
+    unless a worker failed on bad input (a MeraError other than RankFailure), which would only
+    fail again. The restarts are driven from here: Ray Train's own retry retries everything.
+    """
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
     storage = spec.state if is_remote(spec.state) else os.path.abspath(spec.state)
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg, "spec": spec, "checkpoint_every": checkpoint_every},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo", timeout_s=c.timeout_s),
-        run_config=RayRunConfig(name="ray", storage_path=storage,
-                                failure_config=FailureConfig(max_failures=c.max_failures)),
-    )
+    attempts = c.max_failures + 1
     log.info("%s: %d Ray Train workers", spec.name, c.num_workers)
-    result = trainer.fit()
+    for attempt in range(1, attempts + 1):
+        # Same name and storage path each time: Ray Train resumes from the run's checkpoints.
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"cfg": cfg, "spec": spec, "checkpoint_every": checkpoint_every},
+            scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
+                                     timeout_s=c.timeout_s),
+            run_config=RayRunConfig(name="ray", storage_path=storage,
+                                    failure_config=FailureConfig(max_failures=0)),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except Exception as e:
+            failures = list(getattr(e, "worker_failures", {}).values())
+            bad_input = next((f for f in failures if not retryable(f)), None)
+            if bad_input is not None:
+                raise bad_input from None
+            if attempt == attempts:
+                raise
+            log.warning("%s: attempt %d of %d failed (%s); restarting from its latest "
+                        "checkpoint", spec.name, attempt, attempts, _summary(failures or [e]))
     remove(storage)  # resume state is no artifact
     return dict(result.metrics or {})
+
+
+def _summary(failures: list) -> str:
+    return "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
+                     for f in failures)

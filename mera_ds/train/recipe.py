@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from mera_ds.config import RunConfig, TrainingSettings, parse_size
 from mera_ds.data.replay import ReplaySet
-from mera_ds.errors import MeraError
+from mera_ds.errors import MeraError, RankFailure
 from mera_ds.train.runtime import (Board, Checkpointer, deepspeed_config, device_for,
                                    init_distributed, is_comm_failure, to_device)
 
@@ -93,7 +93,7 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
         raise
     except Exception as e:
         if is_comm_failure(e):
-            raise MeraError(
+            raise RankFailure(
                 f"{spec.name}: rank {rank}: a collective failed or timed out "
                 f"(cluster.timeout_s={cfg.cluster.timeout_s}); a peer rank probably died: "
                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
