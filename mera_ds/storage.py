@@ -19,11 +19,23 @@ import fsspec
 from mera_ds.errors import MeraError
 
 
+# Transient S3 failures (5xx, throttling, connection resets and refusals, timeouts) are retried by
+# botocore's "standard" mode with exponential backoff, at most 6 attempts per request, each
+# waiting at most read_timeout for a byte; permission and not-found errors are never retried.
+# Settings of the user's own fsspec config (FSSPEC_S3_CONFIG_KWARGS...) win.
+S3_CONFIG = {"retries": {"mode": "standard", "total_max_attempts": 6}, "connect_timeout": 5,
+             "read_timeout": 20}
+
+
 def url_to_fs(url: str):
     """(filesystem, path inside it). s3:// options (endpoint, keys) come from the usual env vars
     (AWS_*, FSSPEC_S3_*), so the same URL works on a laptop, a cluster and in the tests."""
+    options = {}
+    if url.startswith("s3://"):
+        options["config_kwargs"] = {**S3_CONFIG,
+                                    **fsspec.config.conf.get("s3", {}).get("config_kwargs", {})}
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as e:
         raise MeraError(f"{url}: cannot open this URL ({e})") from None
 

