@@ -270,3 +270,38 @@ def test_planted_pickle_in_resume_state_is_refused(tmp_path):
     torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.weights,
                 "state": {"step": torch.tensor(3)}}, path)
     assert load_state_file(str(path))["zero_stage"] == ZeroStageEnum.weights
+
+
+def test_resumed_job_trains_exactly_as_an_uninterrupted_one(builtin_shards, tmp_path):
+    """A job that crashes after its step-2 checkpoint and is resumed from it exports the LLM an
+    uninterrupted job exports: same state, same data (the resumed loader skips the batches
+    already taken instead of drawing new ones)."""
+    from mera_ds.run.plan import Method, find_step, plan
+    from mera_ds.train.recipe import run_job
+    from mera_ds.train.runtime import DirCheckpointer
+    from tests.conftest import default_config
+
+    class Crash(Exception):
+        pass
+
+    class CrashingCheckpointer(DirCheckpointer):
+        def save(self, engine, step, metrics):
+            super().save(engine, step, metrics)
+            raise Crash(step)
+
+    def spec_of(run):
+        cfg = default_config(builtin_shards, tmp_path / run)
+        cfg["stages"]["finetune"].update(steps=4, warmup_steps=1)
+        cfg = parse_config(cfg)
+        return cfg, find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), "finetune",
+                              "image").spec
+
+    cfg, spec = spec_of("straight")
+    run_job(cfg, spec)
+    cfg, resumed = spec_of("resumed")
+    with pytest.raises(Crash):
+        run_job(cfg, resumed, CrashingCheckpointer(str(tmp_path / "state")), 2)
+    metrics = run_job(cfg, resumed, DirCheckpointer(str(tmp_path / "state")), 2)
+    assert metrics["resumed_at"] == 2
+    a, b = hf_tensors(spec.export_llm), hf_tensors(resumed.export_llm)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -218,14 +218,18 @@ def _as_is(batch: Any) -> Any:
 
 
 class ShardLoader:
-    """Exactly `num_steps` batches per iteration, on every rank (see `make_loader`)."""
+    """Exactly `num_steps` batches per iteration, on every rank (see `make_loader`), less the
+    first `skip` of them: a resumed job reads again, and drops, the batches it had taken, so
+    that it trains on what an uninterrupted one would have."""
 
     def __init__(self, stream: SampleStream | MixedStream, *, batch_size: int,
-                 collate_fn: Callable[[list[dict]], Any], num_steps: int, num_workers: int):
-        if batch_size < 1 or num_steps < 0 or num_workers < 0:
+                 collate_fn: Callable[[list[dict]], Any], num_steps: int, num_workers: int,
+                 skip: int = 0):
+        if batch_size < 1 or num_steps < 0 or num_workers < 0 or not 0 <= skip <= num_steps:
             raise MeraError(f"bad loader settings: batch_size={batch_size}, "
-                            f"num_steps={num_steps}, num_workers={num_workers}")
+                            f"num_steps={num_steps}, num_workers={num_workers}, skip={skip}")
         self.stream, self.num_steps, self.num_workers = stream, num_steps, num_workers
+        self.skip = skip
         self.skipped = stream.skipped
         self.epoch = 0
         # Batches are made in the workers; each worker's endless stream is cut into its share
@@ -244,14 +248,14 @@ class ShardLoader:
             multiprocessing_context="fork" if num_workers else None)
 
     def __len__(self) -> int:
-        return self.num_steps
+        return self.num_steps - self.skip
 
     def __iter__(self) -> Iterator[Any]:
-        if self.num_steps == 0:  # e.g. a job resumed after its last step
+        if len(self) == 0:  # e.g. a job resumed after its last step
             return
         self.stream.set_epoch(self.epoch)
         self.epoch += 1
-        for batch in itertools.islice(self.loader, self.num_steps):
+        for batch in itertools.islice(self.loader, self.skip, self.num_steps):
             if isinstance(batch, _Failure):
                 raise batch.error from None
             yield batch
@@ -259,24 +263,25 @@ class ShardLoader:
 
 def make_loader(pattern: str, *, batch_size: int, collate_fn: Callable[[list[dict]], Any],
                 num_steps: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                num_workers: int = 0, on_corrupt: str = "error", shuffle_buffer: int = 0
-                ) -> ShardLoader:
+                num_workers: int = 0, on_corrupt: str = "error", shuffle_buffer: int = 0,
+                skip: int = 0) -> ShardLoader:
     """A training loader: `num_steps` batches of `batch_size` samples, collated by `collate_fn`,
     from this rank's shards of `pattern`, resampled so that every rank takes the same number of
-    steps."""
+    steps; the first `skip` are dropped (a resumed job)."""
     stream = sample_stream(pattern, rank=rank, world_size=world_size, resampled=True,
                            shuffle_buffer=shuffle_buffer, seed=seed, on_corrupt=on_corrupt)
     return ShardLoader(stream, batch_size=batch_size, collate_fn=collate_fn,
-                       num_steps=num_steps, num_workers=num_workers)
+                       num_steps=num_steps, num_workers=num_workers, skip=skip)
 
 
 def make_mixed_loader(patterns: list[str], weights: list[float] | None = None, *,
                       batch_size: int, collate_fn: Callable[[list[dict]], Any], num_steps: int,
                       rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0,
-                      on_corrupt: str = "error", shuffle_buffer: int = 0) -> ShardLoader:
+                      on_corrupt: str = "error", shuffle_buffer: int = 0, skip: int = 0
+                      ) -> ShardLoader:
     """`make_loader` over a mix of patterns (the replay mix): each sample comes from pattern i
     with probability weights[i] (default: equal); see `mixed_stream`."""
     stream = mixed_stream(patterns, weights, rank=rank, world_size=world_size,
                           shuffle_buffer=shuffle_buffer, seed=seed, on_corrupt=on_corrupt)
     return ShardLoader(stream, batch_size=batch_size, collate_fn=collate_fn,
-                       num_steps=num_steps, num_workers=num_workers)
+                       num_steps=num_steps, num_workers=num_workers, skip=skip)

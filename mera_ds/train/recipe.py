@@ -141,17 +141,19 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
 
 
 def setup_data(cfg: RunConfig, spec: JobSpec, engine, start: int):
-    """This rank's loader: exactly the micro-batches of the steps still to take."""
+    """This rank's loader: exactly the micro-batches of the steps still to take, the same as an
+    uninterrupted job's (a resumed one skips those of the steps before `start`)."""
     from mera_ds.data.loader import make_loader, make_mixed_loader
     from mera_ds.model.mllm import Collator
 
     s = spec.settings
     patterns, weights = resolve_data(spec.data)
+    accumulation = engine.gradient_accumulation_steps()
     common = dict(batch_size=s.micro_batch_size,
                   collate_fn=Collator(engine.module, train=True, pack=s.packing),
-                  num_steps=max(0, s.steps - start) * engine.gradient_accumulation_steps(),
+                  num_steps=s.steps * accumulation, skip=min(start, s.steps) * accumulation,
                   rank=dist.get_rank(), world_size=dist.get_world_size(),
-                  seed=cfg.seed * 1_000_003 + start, num_workers=cfg.data.loader_workers,
+                  seed=cfg.seed * 1_000_003, num_workers=cfg.data.loader_workers,
                   on_corrupt=cfg.data.on_corrupt, shuffle_buffer=cfg.data.shuffle_buffer)
     if len(patterns) == 1:
         return make_loader(patterns[0], **common)
