@@ -234,15 +234,18 @@ def _replace(fs, tmp: str, path: str, remote: bool) -> None:
         return
     # S3 cannot rename. The old index goes first (the old artifact then reads as incomplete),
     # the new files are copied with their index last, then the old files not among them go.
-    fs.rm([p for p in fs.find(path) if p.endswith(".index.json")])
+    _rm_files(fs, [p for p in fs.find(path) if p.endswith(".index.json")])
     new = sorted(fs.find(tmp), key=lambda p: (p.endswith(".index.json"), p))
     for p in new:
         fs.copy(p, path + p[len(tmp):])
     kept = {path + p[len(tmp):] for p in new}
-    leftover = [p for p in fs.find(path) if p not in kept]
-    if leftover:
-        fs.rm(leftover)
+    _rm_files(fs, [p for p in fs.find(path) if p not in kept])
     fs.rm(tmp, recursive=True)
+
+
+def _rm_files(fs, paths: list[str]) -> None:
+    if paths:  # s3fs takes an empty list for a missing path
+        fs.rm(paths)
 
 
 @contextlib.contextmanager

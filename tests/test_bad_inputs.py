@@ -6,6 +6,7 @@ import os
 import shutil
 import struct
 import time
+import urllib.request
 
 import fsspec
 import pytest
@@ -362,6 +363,14 @@ def s3_unreachable(ctx):
     return ["shards", "inspect", "s3://bucket/x.tar"]
 
 
+@case("s3://mera-private/x.tar: access denied (The AWS Access Key Id you provided does not "
+      "exist in our records.)")
+def s3_wrong_credentials(ctx):
+    ctx.env.update(AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG0", AWS_SECRET_ACCESS_KEY="wrong")
+    ctx.moto_auth = True
+    return ["shards", "inspect", "s3://mera-private/x.tar"]
+
+
 @case("s3://no-such-bucket-mera/runs/x: no such bucket")
 def s3_run_dir_missing_bucket(ctx):
     return ["run", ctx.config(set_("run_dir", "s3://no-such-bucket-mera/runs/x"))]
@@ -380,6 +389,15 @@ def run_ray_address_unreachable(ctx):
     return ["run", ctx.config(), "--ray-address", f"127.0.0.1:{free_port()}"]
 
 
+def moto_auth(endpoint, count):
+    """moto checks credentials after `count` more requests (its default: never); returns the
+    setting it replaces. Process-wide, so it is set back right after the case."""
+    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=str(count).encode(),
+                                 method="POST", headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+
 @pytest.fixture(scope="module")
 def llms(tmp_path_factory):
     root = tmp_path_factory.mktemp("llms")
@@ -391,7 +409,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path, builtin_shards
                                                   s3_endpoint, monkeypatch, capsys):
     setup, expected = CASES[name]
     ctx = Ctx(tmp_path, builtin_shards, llms, s3_endpoint)
-    ctx.env = {}
+    ctx.env, ctx.moto_auth = {}, False
     argv = setup(ctx)
     for k, v in ctx.env.items():
         monkeypatch.setenv(k, v)
@@ -402,7 +420,12 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path, builtin_shards
     before = file_digests(tmp_path)
     capsys.readouterr()
     start = time.monotonic()
-    code = main(argv)
+    previous = moto_auth(s3_endpoint, 0) if ctx.moto_auth else None
+    try:
+        code = main(argv)
+    finally:
+        if previous is not None:
+            moto_auth(s3_endpoint, previous)
     seconds = time.monotonic() - start
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("mera: error: ")]

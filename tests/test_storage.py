@@ -102,3 +102,12 @@ def test_access_errors_are_named_and_not_data_errors(s3_endpoint, tmp_path):
     denied.write_bytes(b"\0" * 1024)
     err = storage.access_error(str(denied), PermissionError(13, "Permission denied"))
     assert "denied.tar: access denied" in str(err)
+
+
+def test_overwrite_of_an_artifact_without_index(root):
+    """What a killed in-place S3 writer leaves (shards, no index) is replaced whole."""
+    out = storage.join(root, "partial")
+    storage.write_bytes(storage.join(out, "model-00001-of-00002.safetensors"), b"half")
+    write_artifact(out, {"model-00001-of-00001.safetensors": b"new",
+                         "model.safetensors.index.json": b"{}"}, overwrite=True)
+    assert listing(out) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]

@@ -13,7 +13,7 @@ from typing import Optional
 
 from mera_ds.config import RunConfig
 from mera_ds.errors import retryable
-from mera_ds.storage import is_remote, remove
+from mera_ds.storage import is_remote, remove, url_to_fs
 from mera_ds.train.recipe import JobSpec
 from mera_ds.train.runtime import restore_state
 
@@ -68,7 +68,6 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
-    storage = spec.state if is_remote(spec.state) else os.path.abspath(spec.state)
     attempts = c.max_failures + 1
     log.info("%s: %d Ray Train workers", spec.name, c.num_workers)
     for attempt in range(1, attempts + 1):
@@ -80,7 +79,7 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
                                          resources_per_worker={"CPU": 1}),
             torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
                                      timeout_s=c.timeout_s),
-            run_config=RayRunConfig(name="ray", storage_path=storage,
+            run_config=RayRunConfig(name="ray", **_storage(spec.state),
                                     failure_config=FailureConfig(max_failures=0)),
         )
         try:
@@ -95,8 +94,20 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
                 raise
             log.warning("%s: attempt %d of %d failed (%s); restarting from its latest "
                         "checkpoint", spec.name, attempt, attempts, _summary(failures or [e]))
-    remove(storage)  # resume state is no artifact
+    remove(spec.state)  # resume state is no artifact
     return dict(result.metrics or {})
+
+
+def _storage(url: str) -> dict:
+    """Ray Train's storage of the resume state. On S3 through our own filesystem: Ray's default
+    (pyarrow's S3) ignores the fsspec endpoint and its retry settings."""
+    if not is_remote(url):
+        return {"storage_path": os.path.abspath(url)}
+    import pyarrow.fs
+
+    fs, path = url_to_fs(url)
+    return {"storage_path": path,
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
 def _summary(failures: list) -> str:
