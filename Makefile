@@ -11,8 +11,9 @@ PY          := $(VENV)/bin/python
 
 # CPU by default (this is what the demo and the tests run on); GPU users override.
 export DS_ACCELERATOR ?= cpu
-# DeepSpeed JIT-builds its ops under a lock in TORCH_EXTENSIONS_DIR: one directory per venv, so a
-# job never waits on a lock or rebuilds for another checkout's venv (or one a killed job left).
+# Ops that DeepSpeed JIT-builds (none on CPU, where mera turns its shm all-reduce off; on GPU e.g.
+# the CPU Adam of ZeRO-Offload) are built under a lock in TORCH_EXTENSIONS_DIR: one directory per
+# venv, so a job never waits on another checkout's build or on a lock a killed build left.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo shards test test-slow test-all bench-mcl clean
