@@ -1,12 +1,29 @@
 """Shared fixtures: a real S3-protocol server (moto) on 127.0.0.1, as s3fs's own tests do."""
 import hashlib
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
+import yaml
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mera_env(**extra) -> dict:
+    """The environment of the tests' `mera` subprocesses: this one's as it is now (fixtures set
+    S3 endpoints and keys), CPU, one thread."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+            **extra}
+
+
+ENV = mera_env()
 
 
 def file_digests(root) -> dict:
@@ -98,3 +115,76 @@ def default_config(shards: dict, run_dir) -> dict:
 def tiny_config(builtin_shards, tmp_path):
     """The embedded default config on the small shards, writing its run under tmp_path."""
     return default_config(builtin_shards, tmp_path / "run")
+
+
+def two_modalities(cfg: dict) -> dict:
+    """The default config cut to two short stages: the runs of the pipeline tests."""
+    cfg["modalities"] = cfg["modalities"][:2]
+    st = cfg["stages"]
+    st["finetune"].update(steps=8, warmup_steps=1)
+    # One sample per rank and step: the ranks' realign batches often hold different modalities.
+    st["realign"].update(steps=6, batch_size=2, micro_batch_size=1)
+    st["eval"].update(max_samples=16, batch_size=16)
+    return cfg
+
+
+def mera_run(path, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "mera_ds", "run", str(path), *extra],
+                            cwd=ROOT, env=env or mera_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="session")
+def resumed_run(builtin_shards, tmp_path_factory):
+    """A two-modality run on a local Ray, its driver killed during stage 2's finetune, then
+    resumed to the end (test_pipeline checks the resume; test_faults compares with it)."""
+    from mera_ds.config import parse_config
+    from mera_ds.run.layout import RunLayout
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = two_modalities(default_config(builtin_shards, tmp / "ray"))
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    layout = RunLayout.of(parse_config(cfg))
+
+    # Kill the driver, and the local Ray it started, once stage 2's finetune is under way.
+    proc, lines = mera_run(path), []
+    for line in proc.stdout:
+        lines.append(line)
+        if "02-video/finetune step" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    time.sleep(2)
+    first = json.loads(open(layout.manifest).read())["steps"]
+    assert "01-image/evaluate" in first and "02-video/finetune" not in first, "".join(lines)
+    stage1 = {p: os.path.getmtime(p) for p in
+              [os.path.join(layout.finetune_llm("image"), "config.json"),
+               layout.realign_connector("image", "image"), layout.eval_metrics("image")]}
+
+    proc = mera_run(path, "--resume")
+    out = proc.stdout.read()
+    assert proc.wait() == 0, out[-4000:]
+    return {"cfg": cfg, "path": path, "layout": layout, "first": first, "stage1": stage1,
+            "out": out, "tmp": tmp}
+
+
+def ray_train_worker_of(driver: int) -> int:
+    """A Ray Train worker process started by this driver (not by another Ray on the host)."""
+    for pid in map(int, subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"],
+                                       capture_output=True, text=True).stdout.split()):
+        if driver in ancestors(pid):
+            return pid
+    raise AssertionError("no Ray Train worker of this driver is running")
+
+
+def ancestors(pid: int) -> list[int]:
+    out = []
+    try:
+        while pid > 1:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            out.append(pid)
+    except OSError:  # gone meanwhile
+        pass
+    return out

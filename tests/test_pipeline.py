@@ -3,71 +3,17 @@ and resumed (finished steps are not recomputed and the result is complete); the 
 one process without Ray; single steps run with `mera stage`."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from mera_ds.config import parse_config
 from mera_ds.errors import MeraError
-from mera_ds.run.layout import RunLayout
 from mera_ds.run.manifest import Manifest
 
-from .conftest import default_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-
-
-def two_modalities(cfg: dict) -> dict:
-    cfg["modalities"] = cfg["modalities"][:2]
-    st = cfg["stages"]
-    st["finetune"].update(steps=8, warmup_steps=1)
-    # One sample per rank and step: the ranks' realign batches often hold different modalities.
-    st["realign"].update(steps=6, batch_size=2, micro_batch_size=1)
-    st["eval"].update(max_samples=16, batch_size=16)
-    return cfg
-
-
-def mera_run(path, *extra):
-    return subprocess.Popen([sys.executable, "-m", "mera_ds", "run", str(path), *extra],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-@pytest.fixture(scope="module")
-def resumed_run(builtin_shards, tmp_path_factory):
-    """A two-modality run on a local Ray, its driver killed during stage 2's finetune, then
-    resumed to the end."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    cfg = two_modalities(default_config(builtin_shards, tmp / "ray"))
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    layout = RunLayout.of(parse_config(cfg))
-
-    # Kill the driver, and the local Ray it started, once stage 2's finetune is under way.
-    proc, lines = mera_run(path), []
-    for line in proc.stdout:
-        lines.append(line)
-        if "02-video/finetune step" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
-    time.sleep(2)
-    first = json.loads(open(layout.manifest).read())["steps"]
-    assert "01-image/evaluate" in first and "02-video/finetune" not in first, "".join(lines)
-    stage1 = {p: os.path.getmtime(p) for p in
-              [os.path.join(layout.finetune_llm("image"), "config.json"),
-               layout.realign_connector("image", "image"), layout.eval_metrics("image")]}
-
-    proc = mera_run(path, "--resume")
-    out = proc.stdout.read()
-    assert proc.wait() == 0, out[-4000:]
-    return {"cfg": cfg, "path": path, "layout": layout, "first": first, "stage1": stage1,
-            "out": out, "tmp": tmp}
+from .conftest import ENV, ROOT
 
 
 def test_killed_run_resumes_without_redoing_finished_steps(resumed_run):

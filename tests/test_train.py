@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mera_ds.config import parse_config
 from mera_ds.run.layout import RunLayout
-from tests.conftest import free_port
+from tests.conftest import free_port, mera_env, ray_train_worker_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,22 +141,6 @@ def test_hung_rank_times_out_naming_step_and_rank(tiny_config, tmp_path):
     assert not os.path.exists(RunLayout.of(parse_config(cfg)).finetune_llm("image"))
 
 
-def _train_worker_of(driver: int) -> int:
-    """A Ray Train worker process started by this driver (not by another Ray on the host)."""
-    def parent(pid):
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-
-    for pid in map(int, subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"],
-                                       capture_output=True, text=True).stdout.split()):
-        p = pid
-        while p > 1:
-            p = parent(p)
-            if p == driver:
-                return pid
-    raise AssertionError("no Ray Train worker of this driver is running")
-
-
 def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
     cfg = small(tiny_config, steps=30)
     cfg["cluster"]["max_failures"] = 1
@@ -178,7 +162,7 @@ def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
         output.append(line)
         # Once a checkpoint is registered, kill one of the two training workers mid-run.
         if killed is None and " step " in line and "/30 loss" in line and os.path.exists(snapshot):
-            killed = _train_worker_of(proc.pid)
+            killed = ray_train_worker_of(proc.pid)
             os.kill(killed, 9)
         assert time.time() < deadline
     text = "".join(output)
@@ -218,6 +202,32 @@ def test_ray_job_does_not_retry_bad_input(tiny_config, tmp_path):
     assert line.startswith("mera: error: 01-image/finetune failed on the cluster: ")
     assert "cut-" in line and "corrupt shard" in line
     assert "restarting from its latest checkpoint" not in proc.stderr
+
+
+def test_two_stages_at_once_each_with_its_own_local_ray(tiny_config, tmp_path):
+    """Two `mera stage` commands on one machine, each starting a local Ray instance: neither
+    finds the other's (Ray Train's helpers look an instance up by address)."""
+    import yaml
+
+    procs = []
+    for name in ("a", "b"):
+        cfg = small(json.loads(json.dumps(tiny_config)), steps=4)
+        cfg["run_dir"] = str(tmp_path / name)
+        cfg["cluster"]["num_workers"] = 1
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mera_ds", "stage", "finetune", "--config", str(path),
+             "--modality", "image"], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env=mera_env()))
+        time.sleep(3)  # both up at once, but not starting in the same second
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "multiple active Ray instances" not in out
+    for name in ("a", "b"):
+        steps = json.loads((tmp_path / name / "manifest.json").read_text())["steps"]
+        assert list(steps) == ["01-image/finetune"]
 
 
 def test_deepspeed_launcher_runs_a_training_step(tiny_config, tmp_path):
