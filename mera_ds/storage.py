@@ -86,7 +86,9 @@ def accessing(url: str) -> Iterator[None]:
         yield
     except Exception as e:
         err = access_error(url, e)
-        if err is None or err is e:
+        # A missing file is left to the caller, who knows what it is ("no such shard").
+        if err is None or err is e or (isinstance(e, FileNotFoundError) and
+                                       "bucket" not in str(e).lower()):
             raise
         raise err from e
 
@@ -125,8 +127,10 @@ def open_url(url: str, mode: str = "rb"):
 
 def read_json(url: str) -> Any:
     try:
-        with accessing(url), open_url(url, "r") as f:
+        with open_url(url, "r") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise MeraError(f"{url}: no such file") from None
     except json.JSONDecodeError as e:
         raise MeraError(f"{url}: not valid JSON ({e.msg}, line {e.lineno})") from None
     except UnicodeDecodeError:
