@@ -88,9 +88,12 @@ def test_local_executor_runs_the_same_plan_as_ray(resumed_run):
 
 def test_a_failing_step_on_ray_is_one_line(resumed_run, tmp_path):
     """A step that fails inside a Ray task ends the command with its own message, not the task's
-    traceback; the run keeps nothing of it."""
+    traceback; the run keeps nothing of it. (A corrupt shard: one that is missing is found by the
+    preflight, before any task.)"""
     cfg = json.loads(json.dumps(resumed_run["cfg"]))
-    cfg["modalities"][0]["train_shards"] = str(tmp_path / "gone-{000000..000001}.tar")
+    for k in range(2):
+        (tmp_path / f"cut-{k:06d}.tar").write_bytes(b"\0" * 10 + b"not a tar" * 100)
+    cfg["modalities"][0]["train_shards"] = str(tmp_path / "cut-{000000..000001}.tar")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "mera_ds", "stage", "replay", "--config",
@@ -98,6 +101,7 @@ def test_a_failing_step_on_ray_is_one_line(resumed_run, tmp_path):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mera: error:")]
-    assert errors == [f"mera: error: 01-image/replay failed on the cluster: "
-                      f"{tmp_path}/gone-000000.tar: no such shard"], proc.stderr[-4000:]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"mera: error: 01-image/replay failed on the cluster: {tmp_path}/cut-00000"), errors
+    assert "corrupt shard" in errors[0]
     assert not (tmp_path / "run" / "replay" / "image").exists()
