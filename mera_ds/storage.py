@@ -49,8 +49,8 @@ _UNREACHABLE = {"ClientConnectorError", "ClientOSError", "ServerDisconnectedErro
 
 
 def access_error(url: str, e: BaseException) -> Optional[MeraError]:
-    """The one-line error for failing to reach or access `url` (no such bucket or file, access
-    denied, no credentials, server unreachable); None for other errors. None of these is a
+    """The one-line error for failing to reach or access `url` (no such bucket, access denied,
+    no credentials, server unreachable); None for other errors. None of these is a
     problem of the data: a reader never takes them for a corrupt file."""
     if isinstance(e, MeraError):
         return e
@@ -61,10 +61,8 @@ def access_error(url: str, e: BaseException) -> Optional[MeraError]:
                          f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use an instance role")
     if isinstance(e, PermissionError):
         return MeraError(f"{url}: access denied ({text})")
-    if isinstance(e, FileNotFoundError) and "bucket" in text.lower():
-        return MeraError(f"{url}: no such bucket ({text})")
-    if isinstance(e, FileNotFoundError):
-        return MeraError(f"{url}: no such file or directory")
+    if isinstance(e, FileNotFoundError):  # a missing file is its caller's to name
+        return MeraError(f"{url}: no such bucket ({text})") if "bucket" in text.lower() else None
     if names & _UNREACHABLE:
         return MeraError(f"{url}: cannot reach {_server(url)} ({type(e).__name__}: {text})")
     return None
@@ -86,9 +84,7 @@ def accessing(url: str) -> Iterator[None]:
         yield
     except Exception as e:
         err = access_error(url, e)
-        # A missing file is left to the caller, who knows what it is ("no such shard").
-        if err is None or err is e or (isinstance(e, FileNotFoundError) and
-                                       "bucket" not in str(e).lower()):
+        if err is None or err is e:
             raise
         raise err from e
 

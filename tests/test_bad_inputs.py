@@ -260,30 +260,29 @@ def merge_header_not_json(ctx):
     return merge_args(ctx, ft=ft)
 
 
-@case("../other/model.safetensors")
-def merge_index_entry_outside_dir(ctx):
-    ft = ctx.llm_copy()
+def point_first_tensor_at(ft, filename):
+    """Rewrite the index of the LLM directory `ft` so that its first tensor is in `filename`."""
     index = os.path.join(ft, "model.safetensors.index.json")
     with open(index) as f:
         data = json.load(f)
-    name = next(iter(data["weight_map"]))
-    os.makedirs(ctx.path("other"))
-    shutil.copy(first_shard(ft), ctx.path("other", "model.safetensors"))
-    data["weight_map"][name] = "../other/model.safetensors"
+    data["weight_map"][next(iter(data["weight_map"]))] = filename
     with open(index, "w") as f:
         json.dump(data, f)
+
+
+@case("../other/model.safetensors")
+def merge_index_entry_outside_dir(ctx):
+    ft = ctx.llm_copy()
+    os.makedirs(ctx.path("other"))
+    shutil.copy(first_shard(ft), ctx.path("other", "model.safetensors"))
+    point_first_tensor_at(ft, "../other/model.safetensors")
     return merge_args(ctx, ft=ft)
 
 
 @case("model-00009-of-00009.safetensors")
 def merge_index_names_missing_file(ctx):
     ft = ctx.llm_copy()
-    index = os.path.join(ft, "model.safetensors.index.json")
-    with open(index) as f:
-        data = json.load(f)
-    data["weight_map"][next(iter(data["weight_map"]))] = "model-00009-of-00009.safetensors"
-    with open(index, "w") as f:
-        json.dump(data, f)
+    point_first_tensor_at(ft, "model-00009-of-00009.safetensors")
     return merge_args(ctx, ft=ft)
 
 

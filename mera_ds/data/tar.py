@@ -120,9 +120,8 @@ def raw_samples(url: str) -> Iterator[dict[str, Any]]:
     """
     key = None
     current: dict[str, Any] | None = None
-    fs, path = storage.url_to_fs(url)
     try:
-        with fs.open(path, "rb") as f, \
+        with storage.open_url(url, "rb") as f, \
                 tarfile.open(fileobj=f, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isreg():
@@ -144,8 +143,7 @@ def raw_samples(url: str) -> Iterator[dict[str, Any]]:
     except MeraError:
         raise
     except FileNotFoundError as e:
-        raise (storage.access_error(url, e) if "bucket" in str(e).lower()
-               else MeraError(f"{url}: no such shard")) from None
+        raise (storage.access_error(url, e) or MeraError(f"{url}: no such shard")) from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         where = f"at sample {key!r}" if key else "before its first sample"
         raise CorruptDataError(f"{url}: corrupt shard {where}: {e}", kind="shard") from None
