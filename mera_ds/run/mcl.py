@@ -86,6 +86,7 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
     top-level `seconds`: this call's wall time, shared steps counted once."""
     from mera_ds.evaluate import backward_relative_gain, performance_matrix
     from mera_ds.run.local import execute
+    from mera_ds.run.preflight import preflight
 
     names = methods or list(METHODS)
     unknown = [n for n in names if n not in METHODS]
@@ -93,6 +94,7 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
         raise MeraError(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
     layout = RunLayout.of(cfg)
     plans = {n: plan(cfg, METHODS[n], layout, chained=True) for n in names}
+    preflight(cfg, [s for steps in plans.values() for s in steps], ranks=1)
     manifest = Manifest.open(layout, cfg, "mcl", resume)
     t0 = time.time()
     # Stage by stage, every method's steps of the stage: a step shared with a method before it
