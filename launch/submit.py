@@ -25,7 +25,7 @@ import sys
 from mera_ds.cluster.connect import is_secret
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PASS_THROUGH = ("AWS_", "FSSPEC_", "HF_", "NCCL_", "TORCH_", "DS_", "MERA_")
+PASS_THROUGH = ("AWS_", "FSSPEC_", "HF_", "NCCL_", "GLOO_", "TORCH_", "DS_", "MERA_")
 EXCLUDES = [".git", ".venv", ".venv-bench", ".whl", "runs", "data_shards/built", "**/__pycache__"]
 
 

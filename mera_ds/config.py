@@ -4,6 +4,7 @@ Every bad value stops with one line, ``FILE: FIELD: what is wrong``; see :func:`
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -11,7 +12,8 @@ import re
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from mera_ds.errors import MeraError
 from mera_ds.merge.strategies import STRATEGIES
@@ -191,8 +193,13 @@ class ClusterConfig(_Strict):
     ray_address: Optional[str] = Field(None, description="None starts a local Ray instance")
     timeout_s: int = Field(1800, ge=10, description="collective timeout (NCCL/gloo)")
     max_failures: int = Field(1, ge=0, description="Ray Train restarts of a failed job")
-    shared_run_dir: bool = Field(False, description="a local run_dir is on a filesystem that "
-                                 "every node of the Ray cluster mounts (NFS, Lustre, ...)")
+    shared_filesystem: bool = Field(False, description="the config's local paths (run_dir, "
+                                    "shards, models) are on a filesystem that every node of the "
+                                    "Ray cluster mounts (NFS, Lustre, ...)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places a job's workers on nodes: PACK fills a node first "
+        "(fewest bytes across the network), STRICT_SPREAD one worker per node")
+    _deepspeed: dict = PrivateAttr(default_factory=dict)  # the JSON at deepspeed_config
 
     @field_validator("deepspeed_config")
     @classmethod
@@ -206,6 +213,18 @@ class ClusterConfig(_Strict):
         except json.JSONDecodeError as e:
             raise ValueError(f"{v!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
         return os.path.abspath(path)
+
+    @model_validator(mode="after")
+    def _read_deepspeed(self) -> "ClusterConfig":
+        with open(self.deepspeed_config) as f:
+            self._deepspeed = json.load(f)
+        return self
+
+    @property
+    def deepspeed(self) -> dict:
+        """The DeepSpeed JSON, read where the config was parsed and carried with it: a worker on
+        another node (or in a container) may not have the file at that path."""
+        return copy.deepcopy(self._deepspeed)
 
 
 class DataConfig(_Strict):
@@ -271,7 +290,8 @@ class RunConfig(_Strict):
 
 
 # Settings that may change between a run and its resume: where it runs, not what it computes.
-NOT_FINGERPRINTED = {"cluster.ray_address"}
+NOT_FINGERPRINTED = {"cluster.ray_address", "cluster.placement_strategy",
+                     "cluster.shared_filesystem", "cluster.timeout_s", "cluster.max_failures"}
 
 
 def _flat(d: dict, prefix: str = ""):

@@ -11,8 +11,12 @@ log = logging.getLogger("mera_ds.cluster")
 # writes a runtime_env in plain text to its logs on every node and keeps it with the job, so keys
 # and tokens reach workers from their node's environment or credential files (a local instance's
 # workers inherit this process's environment).
+# The socket interfaces name the network gloo and NCCL use between nodes (the same name on every
+# node, as on most clusters: ib0, eth0); without them gloo binds to whatever the host name
+# resolves to, which on many nodes is 127.0.1.1 and unreachable from the others.
 WORKER_ENV = ("DS_ACCELERATOR", "FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-              "HF_HOME", "HF_HUB_OFFLINE", "PYTHONPATH", "MERA_EXPORT_BUCKET")
+              "HF_HOME", "HF_HUB_OFFLINE", "PYTHONPATH", "MERA_EXPORT_BUCKET", "MERA_CACHE_DIR",
+              "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA")
 SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "ACCESS_KEY", "API_KEY")
 
 
