@@ -315,3 +315,19 @@ def test_resumed_job_trains_exactly_as_an_uninterrupted_one(builtin_shards, tmp_
     assert metrics["resumed_at"] == 2
     a, b = hf_tensors(spec.export_llm), hf_tensors(resumed.export_llm)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_offload_config_trains_with_deepspeed_cpu_adam(tiny_config, tmp_path):
+    """ds_configs/zero3_offload_bf16.json (optimizer and parameters offloaded to the CPU, bf16):
+    DeepSpeed refuses torch's AdamW there; the job steps DeepSpeed's CPU Adam and trains."""
+    cfg = small(tiny_config, steps=6)
+    cfg["cluster"]["deepspeed_config"] = "ds_configs/zero3_offload_bf16.json"
+    cfg["llm"]["dtype"] = "bfloat16"
+    torchrun(cfg, "finetune", "image", tmp_path / "out")
+    start = load_file(tmp_path / "out" / "start-full.safetensors")
+    end = load_file(tmp_path / "out" / "end-full.safetensors")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["optimizer"] == "DeepSpeedCPUAdam"
+    assert start["llm.model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert not equal_prefix(start, "llm.", end) and not equal_prefix(start, "connector.", end)
+    assert metrics["loss"] < metrics["first_loss"], metrics

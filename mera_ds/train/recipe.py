@@ -23,7 +23,8 @@ from mera_ds.config import RunConfig, TrainingSettings, parse_size
 from mera_ds.data.replay import ReplaySet
 from mera_ds.errors import MeraError, RankFailure
 from mera_ds.train.runtime import (Board, Checkpointer, deepspeed_config, device_for,
-                                   init_distributed, is_comm_failure, to_device)
+                                   init_distributed, is_comm_failure, optimizer_for, rank_addresses,
+                                   to_device)
 
 log = logging.getLogger("mera_ds.train")
 
@@ -75,6 +76,9 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
     init_distributed(cfg)
     rank = dist.get_rank()
     try:
+        addresses = " ".join(rank_addresses())
+        if rank == 0:
+            log.info("%s: ranks 0..%d on %s", spec.name, dist.get_world_size() - 1, addresses)
         device = device_for(cfg)
         engine = setup_engine(cfg, spec, device)
         start = checkpointer.restore(engine) if checkpointer else 0
@@ -85,6 +89,7 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
         loader = setup_data(cfg, spec, engine, start)
         metrics = train_loop(spec, engine, device, loader, start, checkpointer,
                              checkpoint_every or max(1, spec.settings.steps // 4))
+        metrics.update(addresses=addresses, optimizer=type(engine.optimizer.optimizer).__name__)
         if observe:
             observe("end", engine)
         export(cfg, spec, engine)
@@ -135,7 +140,7 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
                           weight_decay=spec.settings.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    optimizer = optimizer_for(groups, ds_config, device)
     engine, _, _, _ = deepspeed.initialize(model=mllm, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -9,17 +9,17 @@ alone (a single rank); the same code in all of them. Resumable state goes throug
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-from mera_ds.config import RunConfig, TrainingSettings, resolve_path
+from mera_ds.config import RunConfig, TrainingSettings
 from mera_ds.errors import MeraError
 from mera_ds.storage import is_remote, url_to_fs
 
@@ -66,6 +66,21 @@ def _without_shm_allreduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def rank_addresses() -> list[str]:
+    """Every rank's network address, in rank order (collective): the address of the interface it
+    reaches rank 0 through. Recorded with a job's metrics, so a run says where its ranks ran."""
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((master, 9))  # a UDP connect only picks the route; nothing is sent
+            mine = s.getsockname()[0]
+        except OSError:
+            mine = socket.gethostname()
+    addresses: list = [None] * dist.get_world_size()
+    dist.all_gather_object(addresses, mine)
+    return addresses
+
+
 def shutdown_distributed() -> None:
     """Leave the process group together, at the end of a launcher's process: every rank waits for
     the others, then destroys it. A rank that exits while a peer still talks to it can be
@@ -97,8 +112,7 @@ def to_device(obj, device):
 
 def deepspeed_config(cfg: RunConfig, settings: TrainingSettings) -> dict:
     """The JSON config from ds_configs/, with batch sizes and precision from the run config."""
-    with open(resolve_path(cfg.cluster.deepspeed_config)) as f:
-        ds = json.load(f)
+    ds = cfg.cluster.deepspeed
     world = dist.get_world_size()
     ds["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
     ds["gradient_accumulation_steps"] = settings.batch_size // (settings.micro_batch_size * world)
@@ -108,6 +122,18 @@ def deepspeed_config(cfg: RunConfig, settings: TrainingSettings) -> dict:
     ds["fp16"] = {"enabled": cfg.llm.dtype == "float16"}
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def optimizer_for(groups: list[dict], ds_config: dict, device: torch.device):
+    """AdamW over the param groups. With ZeRO-Offload (the optimizer on the CPU), DeepSpeed steps
+    it there and takes only its own CPU Adam: it refuses torch's AdamW. The CPU Adam is a
+    compiled op: prebuilt in the GPU image, JIT-built once per TORCH_EXTENSIONS_DIR elsewhere."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda")
 
 
 # --- failures ------------------------------------------------------------------------------------
