@@ -18,6 +18,7 @@ from torch import nn
 from mera_ds.config import EncoderConfig
 from mera_ds.errors import MeraError
 from mera_ds.model import tiny
+from mera_ds.model.node_cache import local_model
 
 
 class Encoder(nn.Module):
@@ -72,8 +73,9 @@ class VisionTower(nn.Module):
         else:
             from transformers import AutoImageProcessor
 
-            self.model = CLIPVisionModel.from_pretrained(cfg.path)
-            proc = AutoImageProcessor.from_pretrained(cfg.path)
+            with local_model(cfg.path) as path:
+                self.model = CLIPVisionModel.from_pretrained(path)
+                proc = AutoImageProcessor.from_pretrained(path)
             size, crop = dict(proc.size), dict(proc.crop_size)
             self.resize = size.get("shortest_edge") or size["height"]
             self.crop = crop["height"]
@@ -228,8 +230,9 @@ class WhisperAudioEncoder(Encoder):
         else:
             from transformers import WhisperModel
 
-            self.model = WhisperModel.from_pretrained(cfg.path).get_encoder()
-            self.features = WhisperFeatureExtractor.from_pretrained(cfg.path)
+            with local_model(cfg.path) as path:
+                self.model = WhisperModel.from_pretrained(path).get_encoder()
+                self.features = WhisperFeatureExtractor.from_pretrained(path)
         self.num_tokens = num_tokens
         self.out_dim = self.model.config.d_model
 

@@ -16,6 +16,7 @@ from tokenizers import AddedToken
 from mera_ds.config import LLMConfig
 from mera_ds.errors import MeraError
 from mera_ds.model import tiny
+from mera_ds.model.node_cache import local_model
 from mera_ds.model.tiny import PLACEHOLDER
 from mera_ds.storage import is_remote, url_to_fs
 
@@ -33,20 +34,6 @@ def attn_implementation(llm_cfg: LLMConfig) -> str:
     if llm_cfg.dtype != "float32" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "flex_attention"
-
-
-def _local(path: str, tmp: str) -> str:
-    """An HF directory on S3 is copied to `tmp` first: from_pretrained reads local files only."""
-    if not is_remote(path):
-        local = path.removeprefix("file://")
-        if (os.path.isabs(local) or local.startswith(".")) and not os.path.isdir(local):
-            raise MeraError(f"{path}: no such LLM directory")
-        return local
-    fs, rpath = url_to_fs(path)
-    if not fs.exists(f"{rpath.rstrip('/')}/config.json"):
-        raise MeraError(f"{path}: no config.json; not an LLM directory")
-    fs.get(rpath.rstrip("/") + "/", tmp, recursive=True)
-    return tmp
 
 
 def _with_placeholder(tokenizer):
@@ -67,8 +54,7 @@ def build_tokenizer(llm_cfg: LLMConfig, path: str | None = None):
         return tiny.tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="mera-tok-") as tmp:
-        local = _local(path, tmp)
+    with local_model(path) as local:
         try:
             tokenizer = AutoTokenizer.from_pretrained(local)
         except (OSError, ValueError) as e:
@@ -91,8 +77,7 @@ def build_llm(llm_cfg: LLMConfig, path: str | None = None):
         with tiny.seeded(tiny.modality_seed("llm")):
             llm = AutoModelForCausalLM.from_config(config, **kwargs)
         return llm, tokenizer
-    with tempfile.TemporaryDirectory(prefix="mera-llm-") as tmp:
-        local = _local(path, tmp)
+    with local_model(path) as local:
         try:
             llm = AutoModelForCausalLM.from_pretrained(local, **kwargs)
         except (OSError, ValueError) as e:

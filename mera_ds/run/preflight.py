@@ -5,7 +5,6 @@ cluster given is listening. The run's manifest is not written before these pass;
 cluster (:func:`check_nodes`) is checked when the executor connects, before its first step."""
 from __future__ import annotations
 
-import os
 import socket
 from typing import Iterable, Optional
 
@@ -13,6 +12,7 @@ from mera_ds import storage
 from mera_ds.config import RunConfig
 from mera_ds.data.tar import existing_shards
 from mera_ds.errors import MeraError
+from mera_ds.model.node_cache import check_model_dir
 from mera_ds.run.plan import EvalSpec, ReplaySpec, Step
 from mera_ds.train.recipe import JobSpec
 
@@ -61,16 +61,11 @@ def _shard_patterns(cfg: RunConfig, steps: list[Step]) -> list[tuple[str, bool]]
 
 
 def _model_path(field: str, path: Optional[str]) -> None:
-    """A local directory or s3:// URL must be there; a hub id ("org/name") is left to the hub."""
-    if path is None:
-        return
-    if storage.is_remote(path):
-        if not storage.exists(storage.join(path, "config.json")):
-            raise MeraError(f"{field}: {path} has no config.json (not a model directory)")
-        return
-    local = path.removeprefix("file://")
-    if (os.path.isabs(local) or local.startswith(".")) and not os.path.isdir(local):
-        raise MeraError(f"{field}: {path}: no such directory")
+    if path is not None:
+        try:
+            check_model_dir(path)
+        except MeraError as e:
+            raise MeraError(f"{field}: {e}") from None
 
 
 def _listening(address: str) -> None:
@@ -87,9 +82,24 @@ def _listening(address: str) -> None:
 
 
 def check_nodes(cfg: RunConfig, nodes: int) -> None:
-    """A local run_dir on a cluster of `nodes` nodes must be declared shared: workers on the
-    other nodes would otherwise write their artifacts where the next step cannot read them."""
-    if nodes > 1 and not storage.is_remote(cfg.run_dir) and not cfg.cluster.shared_run_dir:
-        raise MeraError(f"run_dir {cfg.run_dir}: a local directory, and the Ray cluster has "
-                        f"{nodes} nodes; use an s3:// run_dir, or one on a filesystem every node "
-                        f"mounts and set cluster.shared_run_dir: true")
+    """On a cluster of `nodes` nodes, local paths must be declared shared: a worker on another
+    node would otherwise read shards or models that are not there, or write artifacts where the
+    next step cannot read them."""
+    if nodes < 2 or cfg.cluster.shared_filesystem:
+        return
+    paths = [("run_dir", cfg.run_dir), ("llm.path", cfg.llm.path)]
+    for i, m in enumerate(cfg.modalities):
+        paths += [(f"modalities[{i}].train_shards", m.train_shards),
+                  (f"modalities[{i}].eval_shards", m.eval_shards),
+                  (f"modalities[{i}].encoder.path", m.encoder.path)]
+    for field, path in paths:
+        if path and not storage.is_remote(path) and _is_local_path(path):
+            raise MeraError(f"{field} {path}: a local path, and the Ray cluster has {nodes} "
+                            f"nodes; use s3://, or a filesystem every node mounts and set "
+                            f"cluster.shared_filesystem: true")
+
+
+def _is_local_path(path: str) -> bool:
+    """A path on this machine's disk, not a hub id ("org/name")."""
+    local = path.removeprefix("file://")
+    return local.startswith(("/", ".")) or path.startswith("file://")
