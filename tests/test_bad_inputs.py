@@ -450,7 +450,7 @@ def test_debug_raises_for_the_traceback(tmp_path, monkeypatch):
         main(["config", "check", str(tmp_path)])
 
 
-def test_local_run_dir_on_a_multi_node_cluster_must_be_declared_shared(tmp_path):
+def test_local_paths_on_a_multi_node_cluster_must_be_declared_shared(tmp_path):
     from mera_ds.config import parse_config
     from mera_ds.errors import MeraError
     from mera_ds.run.preflight import check_nodes
@@ -458,10 +458,15 @@ def test_local_run_dir_on_a_multi_node_cluster_must_be_declared_shared(tmp_path)
     cfg = parse_config(default_config({m: {"train": "a.tar", "eval": "b.tar"} for m in
                                        ("image", "video", "audio", "depth")}, tmp_path / "run"))
     check_nodes(cfg, 1)
-    with pytest.raises(MeraError, match=r"run_dir .*/run: a local directory, and the Ray "
-                                        r"cluster has 2 nodes; use an s3:// run_dir"):
+    with pytest.raises(MeraError, match=r"run_dir .*/run: a local path, and the Ray cluster "
+                                        r"has 2 nodes; use s3://"):
         check_nodes(cfg, 2)
     shared = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(
-        update={"shared_run_dir": True})})
+        update={"shared_filesystem": True})})
     check_nodes(shared, 2)
-    check_nodes(cfg.model_copy(update={"run_dir": "s3://bucket/run"}), 2)
+    on_s3 = cfg.model_copy(update={"run_dir": "s3://bucket/run"})
+    with pytest.raises(MeraError, match=r"modalities\[0\].train_shards .*/a.tar: a local path"):
+        check_nodes(on_s3, 2)
+    for m in on_s3.modalities:
+        m.train_shards = m.eval_shards = "s3://bucket/shards/x-{0000..0003}.tar"
+    check_nodes(on_s3, 2)
