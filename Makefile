@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 # venv, so a job never waits on another checkout's build or on a lock a killed build left.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup demo shards test test-slow test-all bench-mcl clean
+.PHONY: setup system-deps demo shards test test-slow test-all bench-mcl clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
+# What the tests need from Debian's packages: shellcheck (the shell scripts' linter) and iproute2
+# (the two-node test's network namespaces). Installed when missing and apt-get can (as root);
+# otherwise those tests say what is missing (and fail under CI=true).
+SYSTEM_TOOLS := shellcheck:shellcheck ip:iproute2
+system-deps:
+	@missing="$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done)"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "not installed (tests that need them skip): $$missing"; fi
+
 $(SHARDS)/.done: $(VENV)/.installed
 	$(VENV)/bin/mera shards synth --out $(SHARDS)
 	touch $@
@@ -36,13 +47,13 @@ shards: $(SHARDS)/.done
 demo: setup shards
 	$(VENV)/bin/mera run $(CONFIG) --resume
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
-test-all: setup
+test-all: setup system-deps
 	$(PY) -m pytest -q tests
 
 # The MCL benchmark as BENCHMARKS.md reports it: 3 orders x 3 seeds, then mean and spread.

