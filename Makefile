@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 # venv, so a job never waits on another checkout's build or on a lock a killed build left.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup system-deps demo shards test test-slow test-all bench-mcl clean
+.PHONY: setup system-deps demo shards test test-slow test-all bench-mcl image-cpu test-image clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,15 @@ bench-mcl: setup shards
 	  '$(VENV)/bin/mera bench mcl --order $$0 --seed $$1 --resume > runs/mcl/$$0-s$$1.log 2>&1 \
 	   || { echo "failed: see runs/mcl/$$0-s$$1.log"; exit 255; }'
 	$(VENV)/bin/mera bench mcl-summary runs/mcl/*/mcl.json
+
+# Container images (docker/README.md): the CPU image, built with podman on a Debian base made by
+# mmdebstrap (cached in ~/.cache/mera-ds-image); test-image also runs the embedded default cut to
+# two modalities to its report inside it, as uid 1000.
+image-cpu:
+	docker/build-cpu.sh
+
+test-image:
+	docker/build-cpu.sh --test
 
 clean:
 	rm -rf runs $(SHARDS)
