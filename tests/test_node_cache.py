@@ -36,18 +36,31 @@ def contents(d: str) -> dict:
     return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
 
 
+def entries(cache) -> list[str]:
+    return sorted(n for n in os.listdir(cache / "models") if os.path.isdir(cache / "models" / n))
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MERA_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
-def test_ranks_of_a_node_fetch_a_remote_model_once(s3_bucket, cache):
+def test_ranks_of_a_node_fetch_a_remote_model_once(s3_bucket, cache, tmp_path):
     url = put_model(s3_bucket, "llm")
-    # Four "ranks" at once, as the processes of a node start a job.
-    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+    # Four "ranks" at once, as the processes of a node start a job. Each meets the others while
+    # it reads the entry, as ranks do in a collective inside from_pretrained (ZeRO-3): none may
+    # wait for a lock that a reader holds.
+    code = ("import glob, logging, os, sys, time\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
             "from mera_ds.model.node_cache import local_model\n"
-            f"with local_model({url!r}) as d: print(d)\n")
+            f"with local_model({url!r}) as d:\n"
+            f"    open(os.path.join({str(tmp_path)!r}, f'ready-{{os.getpid()}}'), 'w').close()\n"
+            "    deadline = time.time() + 60\n"
+            f"    while len(glob.glob({str(tmp_path)!r} + '/ready-*')) < 4:\n"
+            "        assert time.time() < deadline, 'the other ranks never came'\n"
+            "        time.sleep(0.05)\n"
+            "    print(d)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=mera_env(MERA_CACHE_DIR=str(cache))) for _ in range(4)]
@@ -76,8 +89,7 @@ def test_an_incomplete_remote_directory_is_refused(s3_bucket, cache):
     with pytest.raises(MeraError, match="nothing: no config.json"):
         with local_model(f"{s3_bucket}/nothing"):
             pass
-    assert not os.path.exists(cache / "models") or not [
-        n for n in os.listdir(cache / "models") if not n.endswith(".lock")]
+    assert not os.path.exists(cache / "models") or not entries(cache)
 
 
 def test_rewritten_model_is_fetched_again_and_old_entries_go_unless_in_use(s3_bucket, cache,
@@ -97,5 +109,4 @@ def test_rewritten_model_is_fetched_again_and_old_entries_go_unless_in_use(s3_bu
             with local_model(put_model(s3_bucket, name)) as d:
                 others.append(d)
         assert os.path.isdir(second) and contents(second)["tokenizer.json"] == b'{"new": 1}'
-    entries = sorted(n for n in os.listdir(cache / "models") if not n.endswith(".lock"))
-    assert sorted(os.path.basename(d) for d in (second, others[-2], others[-1])) == entries
+    assert sorted(os.path.basename(d) for d in (second, others[-2], others[-1])) == entries(cache)

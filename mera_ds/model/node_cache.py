@@ -67,13 +67,18 @@ def local_model(path: str) -> Iterator[str]:
     root = os.path.join(cache_dir(), "models")
     os.makedirs(root, exist_ok=True)
     entry = os.path.join(root, _key(path, files))
+    # Two locks: readers share `.lock` for as long as they read (an evicting fetcher skips an
+    # entry held so); `.fetch` lets one process fetch while the others wait. A reader never waits
+    # for an exclusive lock on `.lock`: its ranks may be in a collective while holding it shared.
     with open(entry + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_SH)
         if not os.path.isdir(entry):
-            _fetch(path, files, entry)
-            _evict(root, keep=entry)
+            with open(entry + ".fetch", "a") as fetching:
+                fcntl.flock(fetching, fcntl.LOCK_EX)
+                if not os.path.isdir(entry):
+                    _fetch(path, files, entry)
+                    _evict(root, keep=entry)
         os.utime(entry)
-        fcntl.flock(lock, fcntl.LOCK_SH)  # readers share; an evicting fetcher skips it
         yield entry
 
 
