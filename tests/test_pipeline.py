@@ -64,6 +64,15 @@ def test_local_executor_runs_the_same_plan_as_ray(resumed_run):
                  "ray": json.loads(open(os.path.join(ray_dir, "manifest.json")).read())}
     assert list(manifests["local"]["steps"]) == list(manifests["ray"]["steps"])
     assert manifests["local"]["order"] == ["image", "video"]
+    # A training step records the same metrics under both, the final ones (where its ranks
+    # ran, the last loss), though Ray Train itself keeps only those reported with a checkpoint.
+    for name, step in manifests["ray"]["steps"].items():
+        if name.endswith(("/finetune", "/realign")):
+            ray_result, local_result = step["result"], manifests["local"]["steps"][name]["result"]
+            assert set(ray_result) == set(local_result), name
+            assert ray_result["phase"] == name.split("/")[1]
+            assert ray_result["addresses"] == "127.0.0.1 127.0.0.1"
+            assert local_result["addresses"] == "127.0.0.1"
 
     proc = subprocess.run([sys.executable, "-m", "mera_ds", "stage", "evaluate", "--config",
                            str(path), "--modality", "video", "--run", str(local),

@@ -13,7 +13,7 @@ from typing import Optional
 
 from mera_ds.config import RunConfig
 from mera_ds.errors import retryable
-from mera_ds.storage import is_remote, remove, url_to_fs
+from mera_ds.storage import is_remote, join, read_json, remove, url_to_fs, write_json
 from mera_ds.train.recipe import JobSpec
 from mera_ds.train.runtime import restore_state
 
@@ -52,9 +52,13 @@ def _worker(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mera_ds.train.recipe import run_job
 
+    spec = config["spec"]
     every = config["checkpoint_every"]  # 0: no resume checkpoints, a restart starts over
-    metrics = run_job(cfg, config["spec"], RayCheckpointer() if every != 0 else None, every)
-    ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    metrics = run_job(cfg, spec, RayCheckpointer() if every != 0 else None, every)
+    # Ray Train keeps only the metrics of reports that carry a checkpoint: the final ones go
+    # next to the job's resume state, where train_on_ray reads them.
+    if ray.train.get_context().get_world_rank() == 0:
+        write_json(_final_metrics(spec), metrics)
 
 
 def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None) -> dict:
@@ -84,7 +88,7 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
                                     failure_config=FailureConfig(max_failures=0)),
         )
         try:
-            result = trainer.fit()
+            trainer.fit()
             break
         except Exception as e:
             failures = list(getattr(e, "worker_failures", {}).values())
@@ -95,8 +99,13 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
                 raise
             log.warning("%s: attempt %d of %d failed (%s); restarting from its latest "
                         "checkpoint", spec.name, attempt, attempts, _summary(failures or [e]))
+    metrics = read_json(_final_metrics(spec))
     remove(spec.state)  # resume state is no artifact
-    return dict(result.metrics or {})
+    return metrics
+
+
+def _final_metrics(spec: JobSpec) -> str:
+    return join(spec.state, "final-metrics.json")
 
 
 def _storage(url: str) -> dict:
