@@ -168,7 +168,7 @@ def test_ray_job_survives_a_killed_worker(tiny_config, tmp_path):
     text = "".join(output)
     assert proc.wait() == 0, text[-4000:]
     assert killed, "no worker was killed"
-    metrics, _ = json.JSONDecoder().raw_decode(text[text.rindex('{\n  "first_loss"'):])
+    metrics, _ = json.JSONDecoder().raw_decode(text[text.rindex("\n{\n  ") + 1:])
     # The restarted job continued from the checkpoint; it did not start over.
     assert metrics["resumed_at"] in (10, 20)
     assert f"resuming at step {metrics['resumed_at']} of 30" in text

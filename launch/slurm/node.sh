@@ -45,6 +45,9 @@ ray-head | ray-worker)
   # Ray processes that look for "the" cluster's state API (Ray Train's placement group cleaner)
   # would otherwise scan `ps` for Ray instances and stop at other users' on a shared node.
   export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$MERA_DASHBOARD_PORT
+  # A single-node Ray (`mera run` without --ray-address) sets this to 0 in its environment;
+  # inherited here it would refuse to form a cluster of several nodes.
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
   # The job's end ends the whole cluster: a node has nothing to drain its work to on SIGTERM.
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
   mera_say "$node: Ray ${1#ray-} on $ip ($MERA_IFACE), temp dir $temp_dir"
