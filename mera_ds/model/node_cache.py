@@ -3,8 +3,8 @@ the ranks and tasks on the node read (from_pretrained reads local files only). W
 rank downloads the whole LLM: 8 x 16 GB for an 8B model on one node.
 
 An entry is named by the directory's URL and its files' sizes and ETags, so an artifact rewritten
-at the same URL is fetched again. The first process on a node fetches it under the entry's lock
-(the others wait, then reuse it) into a temporary sibling, renamed into place once every file is
+at the same URL is fetched again. The first process on a node fetches it under the entry's fetch
+lock (the others wait, then reuse it) into a temporary sibling, renamed into place once every file is
 there: an entry that exists is complete. A remote directory is fetched only when complete itself,
 its safetensors index there and every file the index names with it (the writers put the index
 last). While a process reads an entry it holds a shared lock on it; the least recently used
@@ -49,9 +49,15 @@ def check_model_dir(path: str) -> None:
         _local_dir(path)
 
 
+def is_local_path(path: str) -> bool:
+    """A path on this machine's disk (absolute, relative with ./ or ../, or file://), not a hub
+    id ("org/name") or a remote URL."""
+    return path.startswith("file://") or (not is_remote(path) and path.startswith(("/", ".")))
+
+
 def _local_dir(path: str) -> str:
     local = path.removeprefix("file://")
-    if (os.path.isabs(local) or local.startswith(".")) and not os.path.isdir(local):
+    if is_local_path(path) and not os.path.isdir(local):
         raise MeraError(f"{path}: no such model directory")
     return local
 

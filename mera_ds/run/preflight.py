@@ -12,7 +12,7 @@ from mera_ds import storage
 from mera_ds.config import RunConfig
 from mera_ds.data.tar import existing_shards
 from mera_ds.errors import MeraError
-from mera_ds.model.node_cache import check_model_dir
+from mera_ds.model.node_cache import check_model_dir, is_local_path
 from mera_ds.run.plan import EvalSpec, ReplaySpec, Step
 from mera_ds.train.recipe import JobSpec
 
@@ -93,13 +93,8 @@ def check_nodes(cfg: RunConfig, nodes: int) -> None:
                   (f"modalities[{i}].eval_shards", m.eval_shards),
                   (f"modalities[{i}].encoder.path", m.encoder.path)]
     for field, path in paths:
-        if path and not storage.is_remote(path) and _is_local_path(path):
+        if path and is_local_path(path):
             raise MeraError(f"{field} {path}: a local path, and the Ray cluster has {nodes} "
                             f"nodes; use s3://, or a filesystem every node mounts and set "
                             f"cluster.shared_filesystem: true")
 
-
-def _is_local_path(path: str) -> bool:
-    """A path on this machine's disk, not a hub id ("org/name")."""
-    local = path.removeprefix("file://")
-    return local.startswith(("/", ".")) or path.startswith("file://")
