@@ -29,6 +29,9 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "tqdm>=4.66",
+        "peft>=0.13",       # LoRA finetuning (stages.finetune.lora)
+        "av>=12",           # PyAV: video decoding in `mera shards convert` and `mera predict`
+        "sacrebleu>=2.4",   # the caption metric (bleu)
         "ninja",
     ],
     extras_require={

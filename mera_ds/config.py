@@ -129,7 +129,24 @@ class AlignConfig(TrainingSettings):
     micro_batch_size: int = Field(16, ge=1)
 
 
+LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj"]
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) on the LLM's linear layers: only they (and the connectors) train;
+    the finetuned LLM is exported with them folded in, and the adapter kept beside it."""
+
+    r: int = Field(8, ge=1, description="rank")
+    alpha: float = Field(16, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LLAMA_LINEAR_LAYERS), min_length=1,
+        description="names of the linear layers that get an adapter (Llama's: all of them)")
+
+
 class FinetuneConfig(TrainingSettings):
+    lora: Optional[LoraConfig] = Field(None, description="unset: full finetune of the LLM")
     lr_llm: float = Field(2e-4, gt=0)
     lr_connector: float = Field(2e-5, gt=0)
     steps: int = Field(100, ge=1)

@@ -29,11 +29,16 @@ def main():
         if event == "start" and rank == sleep_rank:
             time.sleep(cfg.cluster.timeout_s + 20)  # a hung rank: the peer must time out
         module = engine.module
+        if event == "start" and rank == 0:
+            trainable = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                         for n, p in module.named_parameters() if p.requires_grad}
+            with open(os.path.join(out, "trainable.json"), "w") as f:
+                json.dump(trainable, f)
         # Each rank's own ZeRO-3 partition of every LLM parameter.
         part = {n: p.ds_tensor.detach().clone() for n, p in module.llm.named_parameters()}
         save_file(part, os.path.join(out, f"{event}-partition-rank{rank}.safetensors"))
-        named = [(f"llm.{n}", p) for n, p in module.llm.named_parameters()]
-        named += [(f"connector.{m}.{n}", p) for m, c in module.connectors.items()
+        named = [(f"llm.{n}", [p], None) for n, p in module.llm.named_parameters()]
+        named += [(f"connector.{m}.{n}", [p], None) for m, c in module.connectors.items()
                   for n, p in c.named_parameters()]
         full = dict(gathered(named, 1 << 20))
         if rank == 0:

@@ -34,6 +34,8 @@ def test_paper_hyperparameters_in_paper_scale_config():
     assert (ft.lr_llm, ft.lr_connector, ft.batch_size) == (2e-4, 2e-5, 16)
     assert (ra.lr, ra.batch_size, al.lr, al.batch_size) == (2e-5, 16, 1e-3, 128)
     assert cfg.llm.dtype == "bfloat16" and cfg.stages.merge.strategy == "mera"
+    # 2e-4 is a LoRA rate (LLaVA-1.5's LoRA recipe): never on a full finetune of the 8B LLM.
+    assert ft.lora is not None and (ft.lora.r, ft.lora.alpha) == (128, 128)
 
 
 def _set(d, dotted, value):

@@ -331,3 +331,69 @@ def test_zero_offload_config_trains_with_deepspeed_cpu_adam(tiny_config, tmp_pat
     assert start["llm.model.embed_tokens.weight"].dtype == torch.bfloat16
     assert not equal_prefix(start, "llm.", end) and not equal_prefix(start, "connector.", end)
     assert metrics["loss"] < metrics["first_loss"], metrics
+
+
+def test_lora_finetune_zero3(tiny_config, tmp_path):
+    """stages.finetune.lora: only the adapters and the connector train (under ZeRO-3, 2 ranks);
+    the exported LLM is the base with (alpha / r) B A folded in, a plain HF model; the adapter
+    beside it loads with peft; two LoRA stages merge by MERA's formula."""
+    from peft import PeftModel
+
+    from mera_ds.config import LLMConfig
+    from mera_ds.merge.engine import merge_llm
+    from mera_ds.model.llm import build_llm
+
+    r, alpha = 4, 8.0
+    cfg = small(tiny_config, steps=16)
+    cfg["stages"]["finetune"].update(lora={"r": r, "alpha": alpha}, lr_llm=1e-2)
+    run_cfg = parse_config(cfg)
+    layout = RunLayout.of(run_cfg)
+    torchrun(cfg, "finetune", "image", tmp_path / "image")
+    start = load_file(tmp_path / "image" / "start-full.safetensors")
+    end = load_file(tmp_path / "image" / "end-full.safetensors")
+    metrics = json.loads((tmp_path / "image" / "metrics.json").read_text())
+    assert metrics["loss"] < metrics["first_loss"], metrics
+
+    # Trainable: the adapters of the 7 linear layers of each of the 2 layers (r x (in + out)
+    # each; the tiny Llama is 128 wide, 256 in its MLP) and connector_image, nothing else.
+    trainable = json.loads((tmp_path / "image" / "trainable.json").read_text())
+    llm_trainable = {n: k for n, k in trainable.items() if n.startswith("llm.")}
+    assert all(".lora_A." in n or ".lora_B." in n for n in llm_trainable)
+    assert sum(llm_trainable.values()) == 2 * r * (4 * (128 + 128) + 3 * (128 + 256))
+    assert {n.split(".")[0] for n in trainable} == {"llm", "connectors"}
+
+    exported = hf_tensors(layout.finetune_llm("image"))
+    base = "llm.base_model.model."
+    for name, w in exported.items():
+        layer = name.rsplit(".", 1)[0]
+        if f"{base}{layer}.base_layer.weight" in start:  # adapted: W + (alpha / r) B A
+            w0 = start[f"{base}{layer}.base_layer.weight"]
+            assert torch.equal(end[f"{base}{layer}.base_layer.weight"], w0)  # base frozen
+            a, b = end[f"{base}{layer}.lora_A.default.weight"], \
+                end[f"{base}{layer}.lora_B.default.weight"]
+            assert b.abs().max() > 0, name
+            torch.testing.assert_close(w, w0 + alpha / r * b @ a, rtol=1e-5, atol=1e-6)
+        else:  # not adapted: as it started
+            assert torch.equal(w, start[f"{base}{name}"]), name
+    assert sum(".q_proj." in n for n in exported) == 2
+
+    # The adapter, in peft's layout, on the LLM the job started from, gives the same model as
+    # the folded export.
+    tiny_llm, _ = build_llm(LLMConfig(**cfg["llm"]))
+    tiny_llm.load_state_dict({k[len(base):].replace(".base_layer.", "."): v
+                              for k, v in start.items()
+                              if k.startswith(base) and ".lora_" not in k})
+    adapter_dir = os.path.join(layout.finetune_llm("image"), "adapter")
+    peft_llm = PeftModel.from_pretrained(tiny_llm, adapter_dir).merge_and_unload()
+    for name, p in peft_llm.named_parameters():
+        torch.testing.assert_close(p.detach(), exported[name], rtol=1e-5, atol=1e-6)
+
+    # Stage 2, LoRA again from stage 1's (folded) LLM; merge: theta_2 = (theta_1 + ft_2) / 2.
+    torchrun(cfg, "finetune", "video", tmp_path / "video")
+    ft2 = hf_tensors(layout.finetune_llm("video"))
+    assert any(not torch.equal(ft2[n], exported[n]) for n in exported)
+    merge_llm(layout.finetune_llm("image"), [layout.finetune_llm("video")],
+              layout.merge_llm("video"), run_cfg.stages.merge, step=2)
+    merged = hf_tensors(layout.merge_llm("video"))
+    for name, w in merged.items():
+        torch.testing.assert_close(w, exported[name] + (ft2[name] - exported[name]) / 2)

@@ -4,73 +4,110 @@ CPU copy. A parameter larger than the bucket is gathered whole. tests/test_expor
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+import os
+import tempfile
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from mera_ds.storage import committed_dir
+from mera_ds.model.lora import Export
+from mera_ds.storage import committed_dir, join
 
 log = logging.getLogger("mera_ds.export")
+
+# The adapter of a LoRA finetune, as peft names its files (PeftModel.from_pretrained reads them).
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 def _numel(p: torch.nn.Parameter) -> int:
     return getattr(p, "ds_numel", None) or p.numel()
 
 
-def buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int
-            ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    """Consecutive groups of parameters of at most bucket_bytes (a larger one goes alone)."""
+def buckets(tensors: list[Export], bucket_bytes: int) -> Iterator[list[Export]]:
+    """Consecutive groups of tensors whose parameters take at most bucket_bytes (a larger one
+    goes alone)."""
     group, size = [], 0
-    for name, p in named:
-        nbytes = _numel(p) * p.element_size()
+    for t in tensors:
+        nbytes = sum(_numel(p) * p.element_size() for p in t[1])
         if group and size + nbytes > bucket_bytes:
             yield group
             group, size = [], 0
-        group.append((name, p))
+        group.append(t)
         size += nbytes
     if group:
         yield group
 
 
-def gathered(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int
-             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every rank iterates; full CPU copies come out on rank 0 only (other ranks get nothing)."""
+def gathered(tensors: list[Export], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every rank iterates; full CPU copies come out on rank 0 only (other ranks get nothing).
+    A tensor made of several parameters (a LoRA layer) is computed from them on rank 0."""
     import deepspeed
 
     rank0 = dist.get_rank() == 0
-    for group in buckets(named, bucket_bytes):
-        params = [p for _, p in group]
+    for group in buckets(tensors, bucket_bytes):
+        params = [p for _, ps, _ in group for p in ps]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if rank0:
-                for name, p in group:
-                    yield name, p.data.detach().to("cpu", copy=True)
+                for name, ps, combine in group:
+                    data = combine(*(p.data for p in ps)) if combine else ps[0].data
+                    yield name, data.detach().to("cpu", copy=True)
 
 
-def export_llm(llm, tokenizer, out_url: str, *, shard_size: int, bucket_bytes: int) -> None:
-    """Write the (partitioned) LLM to `out_url` in HF layout; collective over all ranks."""
+def _write_all(tensors: list[Export], bucket_bytes: int, write) -> None:
+    """Gather `tensors` (collective) and, on rank 0, pass each to write(name, tensor)."""
+    for name, tensor in gathered(tensors, bucket_bytes):
+        write(name, tensor)
+        del tensor
+
+
+def export_llm(llm, tokenizer, out_url: str, *, shard_size: int, bucket_bytes: int,
+               base: Optional[str] = None) -> None:
+    """Write the (partitioned) LLM to `out_url` in HF layout; collective over all ranks. A
+    LoRA-wrapped LLM is written with its adapters folded in, and the adapter itself (trained on
+    `base`, the LLM the job started from) to OUT/adapter/ in peft's layout."""
     from mera_ds.io.format import TensorSpec, dtype_code
     from mera_ds.io.writer import ShardedWriter
     from mera_ds.model.llm import save_llm_metadata
+    from mera_ds.model.lora import adapter_tensors, is_lora, merged_tensors
 
-    named = list(llm.named_parameters())  # tied weights appear once; HF re-ties on load
+    tensors = merged_tensors(llm)  # tied weights appear once; HF re-ties on load
+    adapter = adapter_tensors(llm) if is_lora(llm) else []
     if dist.get_rank() != 0:
-        for _ in gathered(named, bucket_bytes):
-            pass
+        _write_all(adapter, bucket_bytes, None)
+        _write_all(tensors, bucket_bytes, None)
         dist.barrier()
         return
     # Shapes are known without gathering (ds_shape), so shards are planned up front and each
     # tensor streams to its file as it arrives: memory stays at one bucket.
-    plan = [TensorSpec(n, dtype_code(p.dtype), tuple(getattr(p, "ds_shape", p.shape)))
-            for n, p in named]
+    plan = [TensorSpec(n, dtype_code(ps[0].dtype), tuple(getattr(ps[0], "ds_shape", ps[0].shape)))
+            for n, ps, _ in tensors]
     with committed_dir(out_url) as tmp:
-        save_llm_metadata(llm, tokenizer, tmp)  # before the index, which marks it complete
+        if adapter:  # before the index, which marks the directory complete
+            _save_adapter(llm, adapter, join(tmp, "adapter"), bucket_bytes, base)
+        save_llm_metadata(llm, tokenizer, tmp)
         with ShardedWriter(tmp, max_shard_size=shard_size, plan=plan) as writer:
-            for name, tensor in gathered(named, bucket_bytes):
-                writer.add(name, tensor)
-                del tensor
-    log.info("exported LLM (%d tensors) to %s", len(named), out_url)
+            _write_all(tensors, bucket_bytes, writer.add)
+    log.info("exported LLM (%d tensors%s) to %s", len(tensors),
+             ", LoRA folded in" if adapter else "", out_url)
     dist.barrier()
+
+
+def _save_adapter(llm, adapter: list[Export], url: str, bucket_bytes: int,
+                  base: Optional[str]) -> None:
+    """adapter_model.safetensors and adapter_config.json at `url` (rank 0 of a collective)."""
+    from safetensors.torch import save
+
+    from mera_ds.model.lora import save_adapter_config
+    from mera_ds.storage import write_bytes
+
+    state: dict[str, torch.Tensor] = {}
+    _write_all(adapter, bucket_bytes, state.__setitem__)
+    write_bytes(join(url, ADAPTER_WEIGHTS), save(state))
+    with tempfile.TemporaryDirectory(prefix="mera-adapter-") as d:
+        save_adapter_config(llm, d, base)
+        with open(os.path.join(d, ADAPTER_CONFIG), "rb") as f:
+            write_bytes(join(url, ADAPTER_CONFIG), f.read())
 
 
 def export_connectors(connectors: dict[str, torch.nn.Module], urls: dict[str, str]) -> None:

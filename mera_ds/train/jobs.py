@@ -3,7 +3,8 @@ data, starting from and exporting to which artifacts. The plan (mera_ds.run.plan
 artifacts those are; `where` carries the step's name, TensorBoard directory and resume state.
 
 - align: connector_i alone on caption-style data, the LLM frozen (LLaVA's stage 1);
-- finetune: the whole LLM and the connectors it writes, from theta_{i-1};
+- finetune: the whole LLM (or LoRA adapters on it) and the connectors it writes, from
+  theta_{i-1};
 - realign: the connectors of every learned modality on their replay, the merged LLM frozen.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def finetune_job(cfg: RunConfig, modality: str, llm: Optional[str],
         phase="finetune", modality=modality, learned=trained, train_llm=True,
         train_connectors=trained, data=tuple(data), settings=ft, lr_llm=ft.lr_llm,
         lr_connector=ft.lr_connector, init_llm=llm, init_connectors=init_connectors,
-        export_llm=out_llm, export_connectors=out_connectors, **where)
+        export_llm=out_llm, export_connectors=out_connectors, lora=ft.lora, **where)
 
 
 def realign_job(cfg: RunConfig, modality: str, llm: str, before: dict[str, str],

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from mera_ds.config import RunConfig, TrainingSettings, parse_size
+from mera_ds.config import LoraConfig, RunConfig, TrainingSettings, parse_size
 from mera_ds.data.replay import ReplaySet
 from mera_ds.errors import MeraError, RankFailure
 from mera_ds.train.runtime import (Board, Checkpointer, deepspeed_config, device_for,
@@ -35,7 +35,7 @@ class JobSpec:
     phase: str                                 # align | finetune | realign
     modality: str                              # the stage's modality m_i
     learned: tuple[str, ...]                   # modalities whose connectors the model holds
-    train_llm: bool
+    train_llm: bool                            # the LLM's weights, or its adapters with lora
     train_connectors: tuple[str, ...]
     # Shard patterns, or replay sets (resolved when the job starts: they are written by an
     # earlier step). Several are mixed: uniformly, or by the replay sets' sizes.
@@ -49,6 +49,7 @@ class JobSpec:
     export_connectors: dict[str, str] = field(default_factory=dict)
     tensorboard: Optional[str] = None
     state: Optional[str] = None                # where resume checkpoints go while it runs
+    lora: Optional[LoraConfig] = None          # train LoRA adapters instead of the LLM
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -115,6 +116,7 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
 
     from mera_ds.model.connectors import load_connector
     from mera_ds.model.llm import DTYPES, build_llm
+    from mera_ds.model.lora import with_lora
     from mera_ds.model.mllm import build_mllm, param_groups, set_trainable
 
     # DeepSpeed calls torch's renamed collectives on every step: one warning per call otherwise.
@@ -129,6 +131,8 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
     finally:
         unset_hf_deepspeed_config()
         del hf_ds
+    if spec.lora:
+        llm = with_lora(llm, spec.lora)
     mllm = build_mllm(cfg, modalities=list(spec.learned), llm=llm, tokenizer=tokenizer)
     for m, url in spec.init_connectors.items():
         load_connector(mllm.connectors[m], url)
@@ -254,7 +258,8 @@ def export(cfg: RunConfig, spec: JobSpec, engine) -> None:
     bucket = parse_size(os.environ.get("MERA_EXPORT_BUCKET", "64MB"))
     if spec.export_llm:
         export_llm(engine.module.llm, engine.module.tokenizer, spec.export_llm,
-                   shard_size=parse_size(cfg.stages.merge.shard_size), bucket_bytes=bucket)
+                   shard_size=parse_size(cfg.stages.merge.shard_size), bucket_bytes=bucket,
+                   base=spec.init_llm or cfg.llm.path)
     if spec.export_connectors:
         export_connectors({m: engine.module.connectors[m] for m in spec.export_connectors},
                           spec.export_connectors)
