@@ -1,5 +1,6 @@
-"""Decoding a raw sample into the decoded-sample dict of docs/DATA.md: its json (modality,
-instruction, answer) and its one input field, checked for the shape its kind needs.
+"""Decoding a raw sample into the decoded-sample dict of docs/DATA.md: its json (modality, and a
+conversation: `messages`, or one turn as `instruction` and `answer`) and its one input field,
+checked for the shape its kind needs.
 """
 from __future__ import annotations
 
@@ -46,6 +47,30 @@ def _input_error(kind: str, arr: np.ndarray) -> str | None:
     return None if arr.dtype.kind in "fiu" else f"dtype {arr.dtype} is not real numbers"
 
 
+ROLES = ("user", "assistant")
+
+
+def _messages(meta: dict, where: str) -> list[dict[str, str]]:
+    """The sample's conversation: `messages` (user and assistant turns, alternating, from a user
+    turn to an assistant one), or the one turn of `instruction` and `answer`."""
+    if "messages" not in meta:
+        for field in ("instruction", "answer"):
+            if not isinstance(meta.get(field), str):
+                raise CorruptDataError(f"{where}: json has no 'messages' and no string {field!r}")
+        return [{"role": "user", "content": meta["instruction"]},
+                {"role": "assistant", "content": meta["answer"]}]
+    messages = meta["messages"]
+    if not isinstance(messages, list) or len(messages) < 2 or len(messages) % 2:
+        raise CorruptDataError(f"{where}: json 'messages' is not a list of user and assistant "
+                               f"turns (an even number, at least 2)")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") == ROLES[i % 2]
+                and isinstance(m.get("content"), str)):
+            raise CorruptDataError(f"{where}: json 'messages[{i}]' is not "
+                                   f"{{\"role\": \"{ROLES[i % 2]}\", \"content\": string}}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """A raw sample -> the decoded-sample dict of docs/DATA.md. Raises CorruptDataError naming the
     shard and the key."""
@@ -59,9 +84,9 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raise CorruptDataError(f"{where}: json does not parse ({e})") from None
     if not isinstance(meta, dict):
         raise CorruptDataError(f"{where}: json is not an object")
-    for field in ("modality", "instruction", "answer"):
-        if not isinstance(meta.get(field), str):
-            raise CorruptDataError(f"{where}: json has no string {field!r}")
+    if not isinstance(meta.get("modality"), str):
+        raise CorruptDataError(f"{where}: json has no string 'modality'")
+    messages = _messages(meta, where)
     inputs = [ext for ext in raw if ext in INPUT_KINDS]
     if len(inputs) != 1:
         raise CorruptDataError(f"{where}: needs exactly one input member "
@@ -80,8 +105,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     if kind not in ("image", "video"):
         arr = arr.astype(np.float32, copy=False)
     sample = {"__key__": key, "__url__": url, "modality": meta["modality"],
-              "instruction": meta["instruction"], "answer": meta["answer"],
-              "input_kind": kind, "input": arr}
+              "messages": messages, "instruction": messages[0]["content"],
+              "answer": messages[-1]["content"], "input_kind": kind, "input": arr}
     if rate is not None:
         sample["sample_rate"] = rate
     return sample

@@ -22,7 +22,8 @@ def inspect_shards(pattern: str) -> dict[str, Any]:
             fields.update(k for k in raw if not k.startswith("__"))
             try:
                 meta = json.loads(raw["json"])
-                modality, answer = meta["modality"], meta["answer"]
+                modality = meta["modality"]
+                answer = meta["messages"][-1]["content"] if "messages" in meta else meta["answer"]
             except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
                 raise CorruptDataError(f"{url}: sample {raw['__key__']!r}: no json with modality "
                                        f"and answer ({type(e).__name__}: {e})") from None

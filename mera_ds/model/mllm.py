@@ -17,6 +17,8 @@ from mera_ds.model import tiny
 from mera_ds.model.connectors import build_connector
 from mera_ds.model.encoders import Encoder, build_encoder
 from mera_ds.model.llm import build_llm
+from mera_ds.model.lora import is_lora
+from mera_ds.model.prompt import conversation, template_for
 from mera_ds.model.tiny import PLACEHOLDER
 
 IGNORE = -100  # label of positions without loss (prompt, padding)
@@ -98,11 +100,12 @@ class MLLM(nn.Module):
         to HF generate, e.g. synced_gpus=True under ZeRO-3."""
         embeds = self.embed(batch)
         tok = self.tokenizer
+        # An instruct LLM's generation config names its end-of-turn tokens (Llama-3: eot_id).
+        eos = getattr(self.llm.generation_config, "eos_token_id", None) or tok.eos_token_id
         out = self.llm.generate(inputs_embeds=embeds,
                                 attention_mask=batch["attention_mask"].to(embeds.device),
                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                **kwargs)
+                                pad_token_id=tok.pad_token_id, eos_token_id=eos, **kwargs)
         # With inputs_embeds only, generate returns just the new tokens.
         return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
 
@@ -131,11 +134,13 @@ def build_mllm(run_cfg: RunConfig, modalities: list[str] | None = None, llm=None
 class Collator:
     """Decoded samples -> one batch for MLLM.forward (train=True) or MLLM.generate (False).
 
-    Sequence: [bos] "user :" <modality> x N " {instruction}" " assistant :" [" {answer}" eos].
-    Training batches are right-padded and labelled on answer + eos only; generation batches hold
-    the prompt only, left-padded so every row ends where generation starts. Too long a sample
-    loses the end of its instruction; the template, the placeholder block and the answer are
-    never cut.
+    A sample's conversation is rendered by mera_ds.model.prompt: the tokenizer's chat template,
+    or the plain one, with the modality's placeholder block at the start of the first user turn.
+    Training batches are right-padded and labelled on every assistant turn (with what ends it)
+    and nothing else; generation batches hold every turn but a final assistant one (the answer),
+    left-padded so every row ends where generation starts. A training sample too long for
+    llm.max_length loses its last turns (down to the first), then, as a prompt does, the end of
+    its first user text; the template, the placeholder block and the answers are never cut.
 
     With `pack` (training only), samples share rows of up to max_length tokens instead of each
     being padded to the longest: position_ids restart at every sample and no attention_mask is
@@ -152,14 +157,7 @@ class Collator:
         self.train = train
         self.pack = pack
         self.placeholder_id = mllm.placeholder_id
-        tok = self.tokenizer
-        # What the tokenizer adds in front of a text (bos for Llama-style tokenizers).
-        self.prefix = tok("", add_special_tokens=True)["input_ids"]
-        self.user = self._ids("user :")
-        self.tail = self._ids(" assistant :")
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.template = template_for(self.tokenizer)
 
     def encode(self, sample: dict) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of one sample, before padding."""
@@ -169,19 +167,41 @@ class Collator:
             raise MeraError(f"sample {key}: modality {modality!r} has no encoder in this model "
                             f"(it has {', '.join(self.encoders)})")
         n = self.encoders[modality].num_tokens
-        head = self.prefix + self.user + [self.placeholder_id] * n
-        instruction = self._ids(" " + sample["instruction"])
-        answer = self._ids(" " + sample["answer"]) + [self.tokenizer.eos_token_id] \
-            if self.train else []
-        if self.placeholder_id in instruction or self.placeholder_id in answer:
-            raise MeraError(f"sample {key}: instruction or answer contains {PLACEHOLDER}")
-        fixed = len(head) + len(self.tail) + len(answer)
-        if fixed > self.max_length:
+        messages = list(conversation(sample))
+        if any(PLACEHOLDER in m["content"] for m in messages):
+            raise MeraError(f"sample {key}: a message contains {PLACEHOLDER}")
+        if self.train and messages[-1]["role"] != "assistant":
+            raise MeraError(f"sample {key}: a training conversation ends with an assistant turn")
+        if not self.train and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # the answer: generated, not given
+        while True:
+            pieces = self.template.pieces(messages, n)
+            total = sum(len(ids) for ids, _ in pieces)
+            if total <= self.max_length:
+                break
+            if self.train and len(messages) > 2:
+                messages = messages[:-2]
+                continue
+            messages = self._shorten(key, modality, n, messages, total)
+        ids = [i for piece, _ in pieces for i in piece]
+        if ids.count(self.placeholder_id) != n:
+            raise MeraError(f"sample {key}: the prompt holds {ids.count(self.placeholder_id)} "
+                            f"{PLACEHOLDER} tokens, not the {n} of its {modality} input")
+        labels = [i if labelled else IGNORE for piece, labelled in pieces for i in piece]
+        return ids, labels
+
+    def _shorten(self, key: str, modality: str, n: int, messages: list[dict],
+                 total: int) -> list[dict]:
+        """The messages with the first user text cut by as many tokens as the sample is too
+        long; an error if the rest alone is too long."""
+        text = self.template.content_ids(messages[0]["content"])
+        keep = len(text) - (total - self.max_length)
+        if keep < 0:
             raise MeraError(f"sample {key}: {n} {modality} tokens, template and answer need "
-                            f"{fixed} tokens, more than llm.max_length={self.max_length}")
-        instruction = instruction[:self.max_length - fixed]
-        prompt = head + instruction + self.tail
-        return prompt + answer, [IGNORE] * len(prompt) + answer
+                            f"{total - len(text)} tokens, more than "
+                            f"llm.max_length={self.max_length}")
+        content = self.tokenizer.decode(text[:keep], skip_special_tokens=True).strip()
+        return [{**messages[0], "content": content}, *messages[1:]]
 
     def __call__(self, samples: Iterable[dict]) -> dict:
         samples = list(samples)
@@ -248,11 +268,14 @@ class Collator:
 
 
 def set_trainable(mllm: MLLM, llm: bool, connectors: list[str]) -> None:
-    """Freeze everything, then unfreeze the LLM (if `llm`) and the named connectors.
+    """Freeze everything, then unfreeze the LLM (if `llm`; its adapters if it has LoRA) and the
+    named connectors.
     Encoders are never trained."""
     mllm.requires_grad_(False)
-    if llm:
-        mllm.llm.requires_grad_(True)
+    if llm:  # a LoRA-wrapped LLM trains its adapters only
+        lora = is_lora(mllm.llm)
+        for name, p in mllm.llm.named_parameters():
+            p.requires_grad_(not lora or ".lora_" in name)
     for name in connectors:
         if name not in mllm.connectors:
             raise MeraError(f"no connector for modality {name!r} (the model has "
