@@ -597,3 +597,29 @@ def test_packed_batch_gives_the_same_loss_as_padded():
     with torch.no_grad():
         a, b = mllm(padded).loss, mllm(packed).loss
     assert torch.allclose(a, b, atol=1e-5), (a, b)
+
+
+def test_siglip_tower_from_path(tmp_path):
+    """A SigLIP checkpoint under `clip_vision`: no class token to drop, its processor's square
+    resize (no crop)."""
+    from transformers import SiglipImageProcessor
+
+    from tests.hf_models import save_siglip
+
+    path = save_siglip(str(tmp_path / "siglip"))
+    enc = build_encoder("image", EncoderConfig(type="clip_vision", path=path))
+    assert (enc.num_tokens, enc.out_dim) == (16, 32)
+    img = {**sample("image", np.random.default_rng(0)), "input": np.random.default_rng(1)
+           .integers(0, 256, (40, 30, 3), dtype=np.uint8)}  # not square: squashed, not cropped
+    ours = enc.preprocess(img)
+    theirs = torch.as_tensor(np.asarray(SiglipImageProcessor.from_pretrained(path)(
+        images=img["input"], return_tensors="np")["pixel_values"][0]))
+    assert ours.shape == theirs.shape == (3, 28, 28)
+    assert (ours - theirs).abs().mean() < 0.05  # torch vs PIL bicubic
+    feats = enc(ours[None])
+    hidden = enc.tower.model(pixel_values=ours[None], output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(feats, hidden)  # every patch token, none dropped
+    with pytest.raises(MeraError, match="not a vision tower"):
+        from tests.hf_models import save_whisper
+        build_encoder("image", EncoderConfig(type="clip_vision",
+                                             path=save_whisper(str(tmp_path / "w"))))

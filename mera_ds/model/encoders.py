@@ -57,13 +57,15 @@ class Encoder(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """A CLIP-style vision transformer and its pixel transform. Features are the patch tokens of
-    the penultimate layer, as LLaVA uses them."""
+    """A CLIP- or SigLIP-style vision transformer and its pixel transform. Features are the patch
+    tokens of the penultimate layer, as LLaVA uses them (CLIP's class token dropped; SigLIP has
+    none)."""
 
     def __init__(self, modality: str, cfg: EncoderConfig, overrides: dict):
         super().__init__()
         from transformers import CLIPVisionModel
 
+        siglip = False
         if cfg.path is None:
             config = tiny.tiny_clip_vision_config(overrides, f"modalities[{modality}].encoder")
             with tiny.seeded(tiny.modality_seed(modality)):
@@ -71,22 +73,31 @@ class VisionTower(nn.Module):
             self.resize = self.crop = config.image_size
             self.mean = self.std = (0.5, 0.5, 0.5)
         else:
-            from transformers import AutoImageProcessor
+            from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 
             with local_model(cfg.path) as path:
-                self.model = CLIPVisionModel.from_pretrained(path)
+                kind = AutoConfig.from_pretrained(path).model_type
+                if kind not in VISION_TOWERS:
+                    raise MeraError(f"modalities[{modality}].encoder.path: {cfg.path} is a "
+                                    f"{kind!r} model, not a vision tower "
+                                    f"({', '.join(sorted(VISION_TOWERS))})")
+                siglip = VISION_TOWERS[kind] == "siglip"
+                self.model = (SiglipVisionModel if siglip else CLIPVisionModel) \
+                    .from_pretrained(path)
                 proc = AutoImageProcessor.from_pretrained(path)
-            size, crop = dict(proc.size), dict(proc.crop_size)
+            size = dict(proc.size)
             self.resize = size.get("shortest_edge") or size["height"]
-            self.crop = crop["height"]
+            self.crop = self.resize if siglip else dict(proc.crop_size)["height"]
             self.mean, self.std = tuple(proc.image_mean), tuple(proc.image_std)
         config = self.model.config
+        self.squash = siglip  # resize to the square as it is, else the short side, then crop
+        self.cls_tokens = 0 if siglip else 1
         self.grid = config.image_size // config.patch_size
         self.hidden = config.hidden_size
 
     def pixels(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) or (H, W, C) floats in [0, 1] -> normalised (3, crop, crop): resize the short
-        side, centre-crop, as CLIP's processor does."""
+        side, centre-crop, as CLIP's processor does (SigLIP's: resize to the square)."""
         x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)
         if x.ndim == 2:
             x = x[..., None]
@@ -97,7 +108,8 @@ class VisionTower(nn.Module):
             x = x[:3]
         h, w = x.shape[1:]
         scale = self.resize / min(h, w)
-        size = (max(self.crop, round(h * scale)), max(self.crop, round(w * scale)))
+        size = (self.crop, self.crop) if self.squash else \
+            (max(self.crop, round(h * scale)), max(self.crop, round(w * scale)))
         if size != (h, w):
             x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True,
                               align_corners=False)[0].clamp(0, 1)
@@ -110,7 +122,12 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, grid*grid, hidden)."""
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[-2][:, 1:]  # drop the class token
+        return out.hidden_states[-2][:, self.cls_tokens:]
+
+
+# model_type of an HF vision checkpoint (a whole model or its vision tower) -> its family.
+VISION_TOWERS = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip",
+                 "siglip_vision_model": "siglip"}
 
 
 def _image01(sample: dict) -> np.ndarray:
