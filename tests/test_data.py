@@ -249,7 +249,7 @@ def _raw_with(key, **fields):
 
 @pytest.mark.parametrize("bad,message", [
     ({"json": json.dumps({"modality": "depth", "instruction": "x"}).encode()},
-     "json has no string 'answer'"),
+     "json has no 'messages' and no string 'answer'"),
     ({"json": b"{not json"}, "json does not parse"),
     ({"depth.npy": b"\x93NUMPY garbage"}, "depth.npy does not decode"),
     ({"png": b"\x89PNG not really"}, "needs exactly one input member"),
