@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from mera_ds.errors import MeraError
 from mera_ds.merge.strategies import STRATEGIES
+from mera_ds.metrics import METRICS
 
 # Relative paths in a config (shards, DeepSpeed configs) are taken from the working directory,
 # falling back to the repository root so the shipped ds_configs/ are found from anywhere.
@@ -69,8 +70,18 @@ class ConnectorConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    metric: Literal["exact_match"] = "exact_match"
+    """How a modality's task is scored: a metric of mera_ds.metrics on at most max_new_tokens
+    generated tokens."""
+
+    metric: str = Field("exact_match", description="one of " + ", ".join(METRICS))
     max_new_tokens: int = Field(8, ge=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"{v!r} is not a metric (one of {', '.join(METRICS)})")
+        return v
 
 
 class ModalityConfig(_Strict):

@@ -5,21 +5,22 @@ matrix P, and the Backward Relative Gain (BRG) over the rows.
 evaluate step stores the result as the stage's eval/metrics.json). Single process: greedy
 generation on one device; the tiny model on CPU takes seconds.
 
-Metrics are per task (ModalityConfig.task.metric names one in METRICS): a function of
-(predictions, answers) -> score in [0, 1].
+Each task is scored by the metric that its ModalityConfig.task.metric names in the registry
+mera_ds.metrics.METRICS.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from mera_ds.config import RunConfig
 from mera_ds.data.loader import read_samples
 from mera_ds.errors import MeraError
+from mera_ds.metrics import METRICS
 from mera_ds.model.connectors import load_connector
 from mera_ds.model.llm import build_llm
 from mera_ds.model.mllm import Collator, build_mllm
@@ -27,25 +28,6 @@ from mera_ds.model.mllm import Collator, build_mllm
 log = logging.getLogger("mera_ds.evaluate")
 
 NUM_EXAMPLES = 3  # (key, prediction, answer) triples kept per modality for the report
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
-    """Share of predictions equal to their answer, ignoring case and whitespace runs."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"exact_match: {len(predictions)} predictions for {len(answers)} answers")
-    if not answers:
-        raise ValueError("exact_match: no samples")
-    hits = sum(_normalise(p) == _normalise(a) for p, a in zip(predictions, answers))
-    return hits / len(answers)
-
-
-METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
-    "exact_match": exact_match,
-}
 
 
 def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[str, str],
@@ -72,13 +54,9 @@ def evaluate(cfg: RunConfig, modality: str, *, llm_dir: str, connectors: dict[st
     result = {"modality": modality, "scores": {}, "samples": {}, "examples": {}}
     for name in learned:
         m = cfg.modality(name)
-        metric = METRICS.get(m.task.metric)
-        if metric is None:
-            raise MeraError(f"modalities.{name}.task.metric: {m.task.metric!r} is not one of "
-                            f"{', '.join(METRICS)}")
         start = time.perf_counter()
         keys, predictions, answers = _predict(mllm, collate, m, cfg.stages.eval)
-        score = metric(predictions, answers)
+        score = METRICS[m.task.metric](predictions, answers)  # the config checked the name
         result["scores"][name] = score
         result["samples"][name] = len(answers)
         result["examples"][name] = [list(t) for t in
@@ -93,19 +71,21 @@ def _predict(mllm, collate, m, settings) -> tuple[list[str], list[str], list[str
     keys, predictions, answers = [], [], []
     samples = iter(read_samples(m.eval_shards, limit=settings.max_samples))
     while batch := list(itertools.islice(samples, settings.batch_size)):
-        _generate(mllm, collate, batch, m.task.max_new_tokens, predictions, answers, keys)
+        predictions.extend(generate(mllm, collate, batch, m.task.max_new_tokens))
+        answers.extend(s["answer"] for s in batch)
+        keys.extend(s["__key__"] for s in batch)
         log.info("eval %s: %d samples", m.name, len(answers))
     if not answers:
         raise MeraError(f"{m.eval_shards}: no eval samples for modality {m.name}")
     return keys, predictions, answers
 
 
-def _generate(mllm, collate, samples, max_new_tokens, predictions, answers, keys) -> None:
+def generate(mllm, collate: Collator, samples: list[dict], max_new_tokens: int) -> list[str]:
+    """The greedy answers to decoded samples, in their order: what evaluation scores and
+    `mera predict` prints, so both give the same answer to the same sample."""
     batch = collate(samples)
     with torch.inference_mode():
-        predictions.extend(mllm.generate(batch, max_new_tokens=max_new_tokens))
-    answers.extend(batch["answers"])
-    keys.extend(batch["keys"])
+        return mllm.generate(batch, max_new_tokens=max_new_tokens)
 
 
 def performance_matrix(rows: list[dict]) -> tuple[list[str], list[list[float | None]]]:

@@ -1,12 +1,13 @@
-"""Evaluation: the metric, the performance matrix and BRG, and evaluate() on the tiny model."""
+"""Evaluation: the performance matrix and BRG, and evaluate() on the tiny model with the metric
+each task's config names (the metrics themselves: test_metrics.py)."""
 import pytest
 import torch
 
 from mera_ds.config import parse_config
 from mera_ds.data.loader import read_samples
 from mera_ds.errors import MeraError
-from mera_ds.evaluate import (METRICS, backward_relative_gain, evaluate, exact_match,
-                              performance_matrix)
+from mera_ds.evaluate import backward_relative_gain, evaluate, performance_matrix
+from mera_ds.metrics import METRICS
 from mera_ds.model.connectors import save_connector
 from mera_ds.model.llm import build_llm
 from mera_ds.model.mllm import build_mllm
@@ -19,14 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def test_exact_match_normalises_case_and_whitespace():
-    assert exact_match(["Three", "  left\n", "sol  la", "cube"],
-                       ["three", "left", "sol la", "sphere"]) == 0.75
-    assert METRICS["exact_match"] is exact_match
-    with pytest.raises(ValueError):
-        exact_match(["a"], ["a", "b"])
 
 
 def test_performance_matrix_and_brg():
@@ -109,6 +102,32 @@ def test_evaluate_scores_a_constant_answer(stage_inputs, monkeypatch):
         assert result["scores"][name] == pytest.approx(answers.count("left") / limit)
         assert all(p == "left" for _, p, _ in result["examples"][name])
     assert result["scores"]["image"] == 0.0 and result["scores"]["video"] > 0.0
+
+
+def test_evaluate_scores_each_task_with_its_metric(stage_inputs, monkeypatch):
+    """The metric a task's config names scores its predictions and answers."""
+    cfg, llm_dir, connectors = stage_inputs
+    seen = {}
+
+    def metric(name):
+        def score(predictions, answers):
+            seen[name] = (list(predictions), list(answers))
+            return 0.25 if name == "token_f1" else 0.75
+        return score
+
+    for name in ("token_f1", "bleu"):
+        monkeypatch.setitem(METRICS, name, metric(name))
+    cfg.modality("image").task.metric = "token_f1"
+    cfg.modality("video").task.metric = "bleu"
+    cfg.stages.eval.max_samples = 5
+    result = evaluate(cfg, "video", llm_dir=llm_dir, connectors=connectors)
+    assert result["scores"] == {"image": 0.25, "video": 0.75}
+    for name, modality in (("token_f1", "image"), ("bleu", "video")):
+        predictions, answers = seen[name]
+        assert answers == [s["answer"] for s in read_samples(cfg.modality(modality).eval_shards,
+                                                               limit=5)]
+        assert [[p, a] for _, p, a in result["examples"][modality]] == \
+            [list(pair) for pair in zip(predictions, answers)][:3]
 
 
 def test_evaluate_needs_the_learned_connectors(stage_inputs):

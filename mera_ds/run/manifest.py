@@ -14,7 +14,9 @@ import datetime
 import logging
 import os
 import time
-from mera_ds.config import RunConfig
+from typing import Any
+
+from mera_ds.config import RunConfig, parse_config
 from mera_ds.errors import MeraError
 from mera_ds.run.layout import RunLayout
 from mera_ds.storage import exists, read_json, remove, write_json
@@ -62,6 +64,28 @@ class Manifest:
             raise MeraError(f"{url}: the config changed since this run started: {k} was "
                             f"{was.get(k)!r}, is {now.get(k)!r}{more}")
         return cls(url, about, old.steps)
+
+    def config(self) -> RunConfig:
+        """The run config the run was started with (recorded as RunConfig.fingerprint(): flat
+        dotted keys), with the defaults for the settings it leaves out (where the run ran:
+        cluster.ray_address...)."""
+        flat = dict(self.about["config"])
+        # The DeepSpeed JSON the run read (a local path where it ran) plans nothing and may not
+        # be on this machine: parsed without it, then put back unchecked, so the fingerprint and
+        # the digest stay the run's.
+        deepspeed = flat.pop("cluster.deepspeed_config", None)
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            *parents, last = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        cfg = parse_config(nested, self.url)
+        if deepspeed is None:
+            return cfg
+        return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(
+            update={"deepspeed_config": deepspeed})})
 
     def _write(self) -> None:
         if _recording():
