@@ -24,6 +24,7 @@ setup(
         "pillow>=10",
         "soundfile>=0.12",
         "scikit-learn>=1.3",
+        "scipy>=1.10",      # resampling audio in `mera shards convert` and `mera predict`
         "tokenizers>=0.19",
         "braceexpand>=0.1.7",
         "tensorboard>=2.14",

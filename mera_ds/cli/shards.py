@@ -1,4 +1,5 @@
-"""`mera shards synth|inspect`: write the built-in dataset; summarise a set of shards."""
+"""`mera shards synth|inspect|convert`: write the built-in dataset; summarise a set of shards;
+convert your own data (LLaVA-style JSON and media files) into shards."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,37 @@ def register(subparsers) -> None:
     inspect.add_argument("pattern", help="brace pattern or glob of local paths or s3:// URLs")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(func=_inspect)
+
+    convert = sub.add_parser(
+        "convert", help="convert a LLaVA-style JSON and its media files into shards",
+        description="Convert the records of a LLaVA-style JSON into shards (docs/DATA.md §8). "
+                    "Bad records are skipped and reported; a re-run resumes.")
+    convert.add_argument("--format", choices=["llava"], default="llava",
+                         help="input format (default: %(default)s)")
+    convert.add_argument("--input", required=True, help="the JSON list of records (local or s3://)")
+    convert.add_argument("--media-root", required=True,
+                         help="directory the records' media paths are relative to (or s3://)")
+    convert.add_argument("--modality", required=True, choices=["image", "video", "audio"],
+                         help="the record field naming the media file, and its input kind")
+    convert.add_argument("--out", required=True,
+                         help="shard file template with %%06d, e.g. OUT/train-%%06d.tar "
+                              "(local or s3://)")
+    convert.add_argument("--name", help="the samples' json modality: a modality name of the run "
+                                        "config (default: --modality)")
+    convert.add_argument("--samples-per-shard", type=int, default=1000,
+                         help="records per shard (default: %(default)s)")
+    convert.add_argument("--workers", type=int, default=1,
+                         help="processes writing shards (default: %(default)s)")
+    convert.add_argument("--strict", action="store_true",
+                         help="stop at the first bad record instead of skipping it")
+    convert.add_argument("--sample-rate", type=int, default=16000,
+                         help="audio: resample to this rate in Hz (default: %(default)s)")
+    convert.add_argument("--num-frames", type=int, default=8,
+                         help="video: frames taken evenly over each clip (default: %(default)s)")
+    convert.add_argument("--frame-size", type=int,
+                         help="video: resize frames so the short side is this (default: as "
+                              "they are)")
+    convert.set_defaults(func=_convert)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -52,4 +84,27 @@ def _inspect(args: argparse.Namespace) -> int:
     for modality, count in summary["modalities"].items():
         answers = ", ".join(f"{a} {n}" for a, n in summary["answers"][modality].items())
         print(f"modality: {modality} ({count} samples; answers: {answers})")
+    return 0
+
+
+LISTED_SKIPS = 10  # skipped records the summary names; the report has all of them
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mera_ds.data.convert import convert_llava
+
+    r = convert_llava(args.input, args.media_root, args.modality, args.out, name=args.name,
+                      samples_per_shard=args.samples_per_shard, workers=args.workers,
+                      strict=args.strict, sample_rate=args.sample_rate,
+                      num_frames=args.num_frames, frame_size=args.frame_size)
+    print(f"samples:  {r['samples']} of {r['records']} records, in {r['shards']} shards "
+          f"({r['kept_shards']} already written)")
+    print(f"skipped:  {r['skipped']} records (all of them in {r['report']})")
+    for s in r["skipped_records"][:LISTED_SKIPS]:
+        print(f"  record {s['index']} (id {s['id']!r}): {s['reason']}")
+    if r["skipped"] > LISTED_SKIPS:
+        print(f"  ... and {r['skipped'] - LISTED_SKIPS} more")
+    for url in r["empty_shards"]:
+        print(f"empty:    {url} (none of its records decodes)")
+    print(f"pattern:  {r['pattern']}")
     return 0

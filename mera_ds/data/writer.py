@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -63,7 +64,7 @@ def encode_sample(key: str, meta: dict[str, Any], kind: str, array: np.ndarray,
 
 
 @contextlib.contextmanager
-def _shard_file(url: str) -> Iterator[Any]:
+def shard_file(url: str) -> Iterator[Any]:
     """A file to write one shard into. Locally it is written under a temporary name and renamed on
     success; an S3 object only appears when its upload completes on close. Either way a reader
     never finds half a shard."""
@@ -83,12 +84,15 @@ def _shard_file(url: str) -> Iterator[Any]:
             os.remove(tmp)
 
 
+def tar_writer(f) -> wds.TarWriter:
+    """A tar writer on an open file whose bytes depend on the samples alone: members in sorted
+    order with a fixed mtime, owner and mode (webdataset stamps the current time unless told)."""
+    return wds.TarWriter(f, encoder=False, mtime=0, user="mera", group="mera")
+
+
 def write_shards(samples: Iterable[dict[str, Any]], prefix: str, samples_per_shard: int) -> str:
     """Write raw samples to PREFIX-NNNNNN.tar, `samples_per_shard` per shard; return the pattern.
-
-    Members are written in sorted order with a fixed mtime, owner and mode, so the same samples
-    always give the same bytes (webdataset's TarWriter stamps the current time unless told).
-    """
+    The same samples always give the same bytes (`tar_writer`)."""
     if samples_per_shard < 1:
         raise MeraError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     it = iter(samples)
@@ -96,13 +100,10 @@ def write_shards(samples: Iterable[dict[str, Any]], prefix: str, samples_per_sha
     pending = next(it, None)
     while pending is not None:
         url = shard_url(prefix, num_shards)
-        with _shard_file(url) as f:
-            with wds.TarWriter(f, encoder=False, mtime=0, user="mera", group="mera") as tar:
-                for _ in range(samples_per_shard):
-                    if pending is None:
-                        break
-                    tar.write(pending)
-                    pending = next(it, None)
+        with shard_file(url) as f, tar_writer(f) as tar:
+            for sample in itertools.chain([pending], itertools.islice(it, samples_per_shard - 1)):
+                tar.write(sample)
+        pending = next(it, None)
         log.debug("wrote %s", url)
         num_shards += 1
     if num_shards == 0:
