@@ -84,10 +84,12 @@ class TwoNodes:
             f"print(json.dumps(synth_dataset('s3://{BUCKET}/ds', seed=0, train_per_modality=128, "
             "eval_per_modality=16, samples_per_shard=32)))")))
 
+    def read_text(self, url: str) -> str:
+        return self.python("node1", f"import s3fs, sys; sys.stdout.write(s3fs.S3FileSystem()"
+                                    f".cat({url.removeprefix('s3://')!r}).decode())")
+
     def read_json(self, url: str):
-        return json.loads(self.python(
-            "node1", f"import s3fs; print(s3fs.S3FileSystem().cat({url.removeprefix('s3://')!r})"
-                     ".decode())"))
+        return json.loads(self.read_text(url))
 
     def exists(self, url: str) -> bool:
         return self.python("node1", f"import s3fs; print(s3fs.S3FileSystem().exists("

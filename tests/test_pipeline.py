@@ -42,10 +42,11 @@ def test_killed_run_resumes_without_redoing_finished_steps(resumed_run):
 
 
 def artifacts(run_dir) -> set:
-    """The files a run leaves, by relative path (TensorBoard event names hold host and time)."""
+    """The files a run leaves, by relative path (TensorBoard event names hold host and time;
+    the logs, one per rank, differ by executor)."""
+    skip = tuple(os.path.join(run_dir, d) for d in ("report", "logs"))
     return {os.path.relpath(os.path.join(d, n), run_dir) for d, _, names in os.walk(run_dir)
-            for n in names if "tfevents" not in n and not d.startswith(os.path.join(run_dir,
-                                                                                    "report"))}
+            for n in names if "tfevents" not in n and not d.startswith(skip)}
 
 
 def test_local_executor_runs_the_same_plan_as_ray(resumed_run):

@@ -60,7 +60,9 @@ def run_config(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mera", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; a run shows every process's logs on the console "
+                             "(otherwise in RUN/logs/, the console showing its steps)")
     parser.add_argument("--debug", action="store_true",
                         help="let errors through with their traceback (also: MERA_DEBUG=1)")
     # The deepspeed launcher passes each rank --local_rank=N before the sub-command (and also
@@ -68,17 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     # Each sub-command module imports what it runs only when it runs (`mera --help` stays fast).
-    from mera_ds.cli import bench, config, merge, report, run, shards, stage
+    from mera_ds.cli import bench, config, export, merge, predict, report, run, shards, stage
 
-    for command in (config, shards, run, stage, merge, report, bench):
+    for command in (config, shards, run, stage, merge, report, export, predict, bench):
         command.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mera_ds.run import console
+
     args = build_parser().parse_args(argv)
+    # Every record on the console as it comes; a run keeps them to its log file instead once it
+    # starts (unless -v), showing its steps (mera_ds.run.console).
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=console.FORMAT)
+    console.setup(args.verbose)
     debug = args.debug or os.environ.get("MERA_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0

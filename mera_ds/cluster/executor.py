@@ -1,14 +1,22 @@
 """The Ray executor of the plan (what `mera run` uses): training steps as Ray Train jobs, the merge
 on the merge actor, replay and evaluate as Ray tasks running the in-process step
-(mera_ds.run.local.run_step). Same steps, artifacts and manifest as the in-process executor."""
+(mera_ds.run.local.run_step). Same steps, artifacts and manifest as the in-process executor.
+
+Unless -v, each process of a step writes its output to the step's log file
+(RUN/logs/<step>/rank-<r>.log) and relays its progress and warnings to this driver's console
+(mera_ds.run.console) through a relay actor (cluster.connect.Relay)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 from typing import Optional
 
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
+from mera_ds.run import console
+from mera_ds.run.layout import RunLayout
 from mera_ds.run.plan import MergeSpec, Step
 from mera_ds.train.recipe import JobSpec
 
@@ -22,9 +30,10 @@ class RayExecutor:
     def __init__(self, checkpoint_every: Optional[int] = None):
         self.checkpoint_every = checkpoint_every
         self.connected = False
+        self.relay = None  # a quiet console's: the steps' progress and warnings come through it
 
     def __call__(self, cfg: RunConfig, step: Step):
-        from mera_ds.cluster.connect import connect
+        from mera_ds.cluster.connect import connect, relaying, start_relay
 
         if not self.connected:
             import ray
@@ -33,31 +42,55 @@ class RayExecutor:
 
             # Enough CPUs for the training workers even on a small machine.
             connect(cfg.cluster.ray_address,
-                    num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers))
+                    num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers),
+                    quiet=console.quiet())
             check_nodes(cfg, sum(1 for n in ray.nodes() if n["Alive"]))
+            if console.quiet():
+                self.relay = start_relay()
             self.connected = True
+        logs = RunLayout.of(cfg) if self.relay else None
         try:
-            return self._run(cfg, step)
+            with relaying(self.relay, console.deliver) if self.relay else contextlib.nullcontext():
+                return self._run(cfg, step, logs)
         except Exception as e:  # Ray wraps a worker's error in its traceback: one line of it
-            raise MeraError(f"{step.name} failed on the cluster: {_last_line(e)}") from e
+            from mera_ds.cluster.train_job import WorkerFailure
 
-    def _run(self, cfg: RunConfig, step: Step):
+            rank = e.rank if isinstance(e, WorkerFailure) else 0
+            see = f" (see {logs.step_log(step.name, rank)})" if logs else ""
+            raise MeraError(f"{step.name} failed on the cluster: {_last_line(e)}{see}") from e
+
+    def _run(self, cfg: RunConfig, step: Step, logs: Optional[RunLayout]):
+        """Run the step; `logs`: the layout of its log files (None: output on the console)."""
         import ray
+
+        from mera_ds.cluster.connect import send
 
         spec = step.spec
         if isinstance(spec, JobSpec):
             from mera_ds.cluster.train_job import train_on_ray
 
-            return train_on_ray(cfg, spec, self.checkpoint_every)
+            return train_on_ray(cfg, spec, self.checkpoint_every, self.relay, logs)
+        # The other steps run in one process.
+        path = logs.step_log(step.name) if logs else None
+        forward = functools.partial(send, self.relay, "record", step.name, 0, path) if logs \
+            else None
         if isinstance(spec, MergeSpec):
             from mera_ds.cluster.merge_actor import merge_on_ray
 
             return merge_on_ray(spec.prev, spec.finetuned, spec.out, cfg.stages.merge,
-                                step=spec.step)
-        from mera_ds.run.local import run_step
-
+                                step=spec.step, log=path, forward=forward)
         gpus = 1 if cfg.cluster.use_gpu and step.phase == "evaluate" else 0
-        return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(run_step).remote(cfg, step))
+        return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(_run_step).remote(
+            cfg, step, path, forward))
+
+
+def _run_step(cfg: RunConfig, step: Step, log: Optional[str], forward) -> dict:
+    """A Ray task: the in-process step, its output into its log file."""
+    from mera_ds.run.console import captured
+    from mera_ds.run.local import run_step
+
+    with captured(log, forward):
+        return run_step(cfg, step)
 
 
 def _last_line(e: BaseException) -> str:

@@ -8,6 +8,9 @@ so the output is identical.
 Where files are: a local path names a directory on one node only, so when any input or the
 output is a local path, the actor and its tasks are pinned to the node that called `merge_on_ray`;
 with s3:// inputs and output the tasks run wherever the cluster has CPUs.
+
+Given a log file, the actor writes its output there (mera_ds.run.console.captured); its tasks'
+output goes where Ray puts it (the driver's log under `mera run`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from mera_ds import storage
 from mera_ds.config import MergeConfig
 from mera_ds.merge.engine import MergeJob, MergeReport, merge_llm, merge_shards
+from mera_ds.run.console import captured
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,12 @@ def _ray_map(task_options: dict):
 @ray.remote(num_cpus=0)  # it coordinates; the tasks hold the CPUs
 class MergeActor:
     """Merges LLM directories on the cluster. `merge` takes the arguments of merge_llm (the
-    config as a dict) and returns the MergeReport as a dict."""
+    config as a dict) and those of merge_on_ray, and returns the MergeReport as a dict."""
 
     def merge(self, prev: str, finetuned: Sequence[str], out: str, cfg: dict,
               step: Optional[int] = None, groups: Optional[int] = None,
-              overwrite: bool = False, node_id: Optional[str] = None) -> dict:
+              overwrite: bool = False, node_id: Optional[str] = None,
+              log: Optional[str] = None, forward=None) -> dict:
         options = {}
         if node_id is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
@@ -66,17 +71,20 @@ class MergeActor:
         # temporary is removed by committed_dir; on S3, where it is written in place, this
         # writes the new one whole before removing it.
         overwrite = overwrite or ray.get_runtime_context().was_current_actor_reconstructed
-        report = merge_llm(prev, finetuned, out, MergeConfig(**cfg), step=step,
-                           overwrite=overwrite, map_jobs=_ray_map(options), groups=groups)
+        with captured(log, forward):
+            report = merge_llm(prev, finetuned, out, MergeConfig(**cfg), step=step,
+                               overwrite=overwrite, map_jobs=_ray_map(options), groups=groups)
         return dataclasses.asdict(report)
 
 
 def merge_on_ray(prev: str, finetuned: Sequence[str], out: str, cfg: MergeConfig,
                  step: Optional[int] = None, groups: Optional[int] = None,
-                 overwrite: bool = False) -> MergeReport:
+                 overwrite: bool = False, log: Optional[str] = None,
+                 forward=None) -> MergeReport:
     """Run one merge through a MergeActor on the connected Ray cluster (ray.init first).
 
     `groups`: how many Ray tasks the output shards are split into (default: one per shard).
+    `log`: a file for the actor's output; `forward(level, message)`: where its warnings go.
     """
     node_id = None
     if not all(storage.is_remote(u) for u in (prev, *finetuned, out)):
@@ -88,7 +96,7 @@ def merge_on_ray(prev: str, finetuned: Sequence[str], out: str, cfg: MergeConfig
     actor = MergeActor.options(max_restarts=1, max_task_retries=1, **options).remote()
     try:
         report = ray.get(actor.merge.remote(prev, list(finetuned), out, cfg.model_dump(), step,
-                                            groups, overwrite, node_id))
+                                            groups, overwrite, node_id, log, forward))
     finally:
         ray.kill(actor)
     return MergeReport(**report)

@@ -11,6 +11,8 @@ them. The plan, the executors, the report and the benchmark take every path from
     RUN/replay/<modality>/replay-NNNNNN.tar, replay.json
     RUN/tensorboard/NN-<modality>-<phase>/
     RUN/report/
+    RUN/logs/mera.log                          the `mera` command's own log
+    RUN/logs/<step>/rank-<r>.log               a step's output, per rank (02-video-finetune/)
     RUN/mcl.json, mcl.png                      (a benchmark's results)
 
 A benchmark runs several methods in one directory: each *chain* (how theta_i comes from
@@ -103,6 +105,16 @@ class RunLayout:
         prefix = f"{self.chain}-" if self.chain else ""
         return join(self.run_dir, "tensorboard",
                     f"{prefix}{self.stage_name(modality)}-{phase}{tag}")
+
+    @property
+    def driver_log(self) -> str:
+        """The `mera` command's own log: everything -v shows."""
+        return join(self.run_dir, "logs", "mera.log")
+
+    def step_log(self, step: str, rank: int = 0) -> str:
+        """The output of rank `rank` of step `step` (a process of it: a Ray Train worker, a
+        launcher's rank, a task): "02-video/finetune" -> RUN/logs/02-video-finetune/rank-1.log."""
+        return join(self.run_dir, "logs", step.replace("/", "-"), f"rank-{rank}.log")
 
     @property
     def manifest(self) -> str:

@@ -7,17 +7,16 @@ step's artifacts are the same whichever executor ran it.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable, Optional
 
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
+from mera_ds.run import console
+from mera_ds.run.layout import RunLayout
 from mera_ds.run.manifest import Manifest
 from mera_ds.run.plan import EvalSpec, MergeSpec, ReplaySpec, Step
 from mera_ds.train.recipe import JobSpec
-
-log = logging.getLogger("mera_ds.run")
 
 # How an executor runs one step: (config, step) -> its result (a dict, recorded in the manifest).
 Executor = Callable[[RunConfig, Step], dict]
@@ -25,14 +24,23 @@ Executor = Callable[[RunConfig, Step], dict]
 
 def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Executor) -> None:
     """Run the steps in order through `executor`, skipping those the manifest records; their
-    results are in manifest.steps."""
+    results are in manifest.steps. Each ends in one line on the console (run.console)."""
+    from tqdm import tqdm
+
+    console.open_log(RunLayout.of(cfg).driver_log)
     for step in steps:
-        result = manifest.run(step.name, step.outputs, executor, cfg, step)
-        log.info("%s: %s", step.name, summary(result))
+        if step.name in manifest.steps:
+            result = manifest.run(step.name, step.outputs, executor, cfg, step)
+            console.tell(f"{step.name}: done earlier, skipped ({summary(result)})")
+            continue
+        with console.step(step.name):
+            result = manifest.run(step.name, step.outputs, executor, cfg, step)
+        seconds = tqdm.format_interval(manifest.timings[step.name])
+        console.tell(f"{step.name}: {summary(result)} in {seconds}")
 
 
 def summary(result: dict) -> str:
-    """One line on a step's result, for the log."""
+    """What a step produced, in a few words (its line on the console)."""
     if "first_loss" in result:
         return f"loss {result['first_loss']:.3f} -> {result['loss']:.3f}"
     if "scores" in result:
@@ -47,7 +55,14 @@ def summary(result: dict) -> str:
 def run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int] = None):
     """Run one step of the plan here; returns its result (a dict or a dataclass).
     `checkpoint_every`: training steps between resume checkpoints (default a quarter of the
-    job; 0: none, a job killed midway starts over)."""
+    job; 0: none, a job killed midway starts over). Its output goes to its log file when the
+    console is quiet (run.console)."""
+    rank = int(os.environ.get("RANK", "0"))
+    with console.own_output(RunLayout.of(cfg).step_log(step.name, rank)):
+        return _run_step(cfg, step, checkpoint_every)
+
+
+def _run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int]):
     spec = step.spec
     if isinstance(spec, JobSpec):
         return train(cfg, spec, checkpoint_every)
@@ -81,8 +96,9 @@ def train(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] = None)
     from mera_ds.train.runtime import DirCheckpointer
 
     if checkpoint_every == 0 or is_remote(spec.state):
-        return run_job(cfg, spec)
-    metrics = run_job(cfg, spec, DirCheckpointer(spec.state), checkpoint_every)
+        return run_job(cfg, spec, progress=console.progress())
+    metrics = run_job(cfg, spec, DirCheckpointer(spec.state), checkpoint_every,
+                      progress=console.progress())
     if dist.get_rank() == 0:
         remove(spec.state)
     return metrics

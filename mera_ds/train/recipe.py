@@ -68,11 +68,14 @@ def lr_factor(step: int, settings: TrainingSettings) -> float:
 
 def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] = None,
             checkpoint_every: Optional[int] = None,
-            observe: Optional[Callable[[str, object], None]] = None) -> dict:
+            observe: Optional[Callable[[str, object], None]] = None,
+            progress: Optional[Callable[[int, int, Optional[float], Optional[float]],
+                                        None]] = None) -> dict:
     """Train per `spec`, export its artifacts, and return the job's metrics (on every rank).
 
     `observe(event, engine)` is called on every rank at "start" (after a resume) and at "end"
-    (before the export): for callers that inspect or log the engine.
+    (before the export): for callers that inspect or log the engine. `progress`: see
+    train_loop.
     """
     init_distributed(cfg)
     rank = dist.get_rank()
@@ -89,7 +92,7 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
             observe("start", engine)
         loader = setup_data(cfg, spec, engine, start)
         metrics = train_loop(spec, engine, device, loader, start, checkpointer,
-                             checkpoint_every or max(1, spec.settings.steps // 4))
+                             checkpoint_every or max(1, spec.settings.steps // 4), progress)
         metrics.update(addresses=addresses, optimizer=type(engine.optimizer.optimizer).__name__)
         if observe:
             observe("end", engine)
@@ -212,8 +215,16 @@ class _Window:
 
 
 def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
-               checkpointer: Optional[Checkpointer], checkpoint_every: int) -> dict:
-    """Steps start..settings.steps; returns the metrics (first and last loss, throughput)."""
+               checkpointer: Optional[Checkpointer], checkpoint_every: int,
+               progress: Optional[Callable[[int, int, Optional[float], Optional[float]],
+                                           None]] = None) -> dict:
+    """Steps start..settings.steps; returns the metrics (first and last loss, throughput).
+
+    `progress(step, steps, loss, tokens_per_s)` is called on rank 0 as the loop starts (step =
+    start) and after each step, with the loss and tokens/s of the logging window that closed at
+    that step (else None): a console's progress bar. It must return at once.
+    """
+    report = progress if dist.get_rank() == 0 else None
     s = spec.settings
     accum = engine.gradient_accumulation_steps()
     board = Board(spec.tensorboard)
@@ -222,6 +233,8 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
                "resumed_at": start}
     window, batches, step = _Window(), iter(loader), start
     engine.train()
+    if report:
+        report(start, s.steps, None, None)
     while step < s.steps:
         for g in engine.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, s)
@@ -236,14 +249,18 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
             engine.step()
             window.add(loss, int(batch["num_tokens"]))
         step += 1
+        closed = (None, None)
         if step % log_every == 0 or step == s.steps:
             loss, tok_s = window.close(device)
+            closed = (loss, tok_s)
             if dist.get_rank() == 0:
                 log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s", spec.name, step, s.steps,
                          loss, engine.optimizer.param_groups[0]["lr"], tok_s)
             board.scalars(step, loss=loss, tokens_per_s=tok_s)
             metrics.update(loss=loss, tokens_per_s=window.steady(tok_s))
             metrics.setdefault("first_loss", loss)
+        if report:
+            report(step, s.steps, *closed)
         if checkpointer and step % checkpoint_every == 0 and step < s.steps:
             checkpointer.save(engine, step, {"step": step, **{k: v for k, v in metrics.items()
                                                              if isinstance(v, (int, float))}})
