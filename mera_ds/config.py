@@ -44,6 +44,13 @@ def _positive_sizes(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _one_of(name: str, registry: dict, what: str) -> str:
+    """A name a registry (merge strategies, metrics) must hold."""
+    if name not in registry:
+        raise ValueError(f"{name!r} is not a {what} (one of {', '.join(registry)})")
+    return name
+
+
 class EncoderConfig(_Strict):
     """A frozen modality encoder: a built-in tiny one (path unset) or a pretrained HF path/id."""
 
@@ -76,12 +83,8 @@ class TaskConfig(_Strict):
     metric: str = Field("exact_match", description="one of " + ", ".join(METRICS))
     max_new_tokens: int = Field(8, ge=1)
 
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, v: str) -> str:
-        if v not in METRICS:
-            raise ValueError(f"{v!r} is not a metric (one of {', '.join(METRICS)})")
-        return v
+    _metric = field_validator("metric")(classmethod(
+        lambda cls, v: _one_of(v, METRICS, "metric")))
 
 
 class ModalityConfig(_Strict):
@@ -175,12 +178,8 @@ class MergeConfig(_Strict):
     seed: int = 0
     shard_size: str = Field("2GB", description="output shard size, e.g. 500MB")
 
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, v: str) -> str:
-        if v not in STRATEGIES:
-            raise ValueError(f"{v!r} is not a merge strategy (one of {', '.join(STRATEGIES)})")
-        return v
+    _strategy = field_validator("strategy")(classmethod(
+        lambda cls, v: _one_of(v, STRATEGIES, "merge strategy")))
 
     @field_validator("shard_size")
     @classmethod

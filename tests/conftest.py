@@ -86,6 +86,18 @@ def s3_bucket(s3_endpoint):
     fs.rm(name, recursive=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module that runs models in this process keeps to one thread: other test files run
+    beside it on a small machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def builtin_shards(tmp_path_factory):
     """A small copy of the built-in dataset: 4 train shards of 64 and one eval shard of 40

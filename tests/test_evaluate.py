@@ -13,13 +13,7 @@ from mera_ds.model.llm import build_llm
 from mera_ds.model.mllm import build_mllm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test files run beside this one on a small machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_performance_matrix_and_brg():

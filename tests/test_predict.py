@@ -31,13 +31,7 @@ from .conftest import default_config
 MEMBERS = {"image": "png", "audio": "wav", "depth": "depth.npy"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test files run beside this one on a small machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

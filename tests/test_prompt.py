@@ -70,7 +70,8 @@ def test_chat_template_generation_prompt(chat_mllm):
     assert "labels" not in gen
     rows = [tok.decode(r[m.bool()]) for r, m in zip(gen["input_ids"], gen["attention_mask"])]
     # Every turn but the final answer, ending where the answer starts.
-    assert rows[0].endswith("seven</s>\n<|user|>\nwhich way does the digit move ?<|end|>\n<|assistant|>\n")
+    assert rows[0].endswith(
+        "seven</s>\n<|user|>\nwhich way does the digit move ?<|end|>\n<|assistant|>\n")
     assert rows[1].endswith("what digit is shown ?<|end|>\n<|assistant|>\n")
     assert "seven" not in rows[1]
     # A prompt ending with a user turn (mera predict) is taken as it is.
