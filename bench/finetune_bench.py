@@ -34,6 +34,12 @@ SIZES = {
     # Llama-3.2-1B's shape with a 32k vocabulary: about 1.1B parameters.
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, intermediate_size=8192, vocab_size=32000),
+    # About 100M parameters: the CPU side of the realign comparison.
+    "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, intermediate_size=2048, vocab_size=8000),
+    # The embedded default's tiny Llama (launch/configs/default.yaml).
+    "default": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, intermediate_size=256, vocab_size=512),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, intermediate_size=128, vocab_size=512),
 }
@@ -73,7 +79,8 @@ def make_shards(out: str, n: int, seq_len: int, seed: int) -> str:
 def run_config(args, pattern: str, mode: str):
     from mera_ds.config import parse_config
 
-    gpu = args.size != "tiny"
+    gpu = args.size not in ("tiny", "default", "100m")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # one sample batch of micro_batch per rank
     return parse_config({
         "run_dir": os.path.join(args.out, f"run-{mode}"),
         "seed": 0,
@@ -85,11 +92,11 @@ def run_config(args, pattern: str, mode: str):
                                     "num_tokens": FEATURE_TOKENS},
                         "connector": {"type": "mlp2x_gelu"},
                         "train_shards": pattern, "eval_shards": pattern}],
-        "stages": {"finetune": {"steps": args.steps, "batch_size": args.micro_batch,
+        "stages": {"finetune": {"steps": args.steps, "batch_size": args.micro_batch * world,
                                 "micro_batch_size": args.micro_batch, "warmup_steps": 2,
                                 "packing": mode != "hf" and not args.no_pack}},
         "data": {"shuffle_buffer": 0},
-        "cluster": {"num_workers": 1, "use_gpu": gpu, "timeout_s": 600,
+        "cluster": {"num_workers": world, "use_gpu": gpu, "timeout_s": 600,
                     "deepspeed_config": "ds_configs/zero3_bf16.json" if gpu
                     else "ds_configs/zero3_cpu.json"},
     }, "bench")
@@ -121,16 +128,21 @@ def finetune_step(cfg):
     return find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), "finetune", "feat")
 
 
-def bench_mera(cfg, realign: bool = False) -> dict:
-    """The finetune job itself (run_job), without the export; with `realign`, the same job
-    as the realign phase runs it: LLM frozen (no gradients, no optimizer state), connector
-    trained, same model and batches."""
+def bench_mera(cfg, realign: str | None = None) -> dict:
+    """The finetune job itself (run_job), without the export; with `realign` (a
+    stages.realign.mode), the same job as the realign phase runs it: LLM frozen (no gradients,
+    no optimizer state), connector trained, same model, batches and steps."""
     from mera_ds.train.recipe import run_job
 
     spec = dataclasses.replace(finetune_step(cfg).spec, export_llm=None,
                                export_connectors={}, tensorboard=None)
     if realign:
-        spec = dataclasses.replace(spec, phase="realign", train_llm=False,
+        ft = cfg.stages.finetune
+        settings = cfg.stages.realign.model_copy(update=dict(
+            mode=realign, steps=ft.steps, batch_size=ft.batch_size,
+            micro_batch_size=ft.micro_batch_size, warmup_steps=ft.warmup_steps,
+            packing=ft.packing))
+        spec = dataclasses.replace(spec, phase="realign", train_llm=False, settings=settings,
                                    lr_connector=cfg.stages.realign.lr)
     m = run_job(cfg, spec)
     return {"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}
@@ -201,6 +213,8 @@ def bench_hf(cfg) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["mera", "hf", "realign"], required=True)
+    p.add_argument("--realign-mode", choices=["zero3", "data_parallel"], default="zero3",
+                   help="--mode realign: where the frozen LLM lives")
     p.add_argument("--out", required=True)
     p.add_argument("--size", choices=list(SIZES), default="1b")
     p.add_argument("--steps", type=int, default=40)
@@ -221,7 +235,8 @@ def main() -> None:
         make_shards(args.out, args.samples, args.seq_len, seed=0)
     pattern = open(os.path.join(args.out, "shards", "pattern.txt")).read()
     cfg = run_config(args, pattern, args.mode)
-    result = (bench_hf(cfg) if args.mode == "hf" else bench_mera(cfg, args.mode == "realign"))
+    result = (bench_hf(cfg) if args.mode == "hf" else
+              bench_mera(cfg, args.realign_mode if args.mode == "realign" else None))
 
     from transformers import LlamaConfig
 

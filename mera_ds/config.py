@@ -195,9 +195,11 @@ class RealignConfig(TrainingSettings):
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     replay_ratio: float = Field(0.1, gt=0, le=1, description="r: share of each modality replayed")
-    mode: Literal["zero3"] = Field(
-        "zero3", description="zero3: the frozen LLM partitioned as in finetune (the only mode "
-                             "built so far)")
+    mode: Literal["auto", "zero3", "data_parallel"] = Field(
+        "auto", description="data_parallel: the frozen LLM whole on every rank, only the "
+        "connectors' gradients all-reduced (no ZeRO gathers); zero3: the LLM partitioned as in "
+        "finetune; auto: data_parallel where the LLM takes at most a third of a rank's device "
+        "memory, else zero3")
 
 
 class EvalConfig(_Strict):

@@ -35,7 +35,8 @@ def main():
             with open(os.path.join(out, "trainable.json"), "w") as f:
                 json.dump(trainable, f)
         # Each rank's own ZeRO-3 partition of every LLM parameter.
-        part = {n: p.ds_tensor.detach().clone() for n, p in module.llm.named_parameters()}
+        part = {n: p.ds_tensor.detach().clone() for n, p in module.llm.named_parameters()
+                if hasattr(p, "ds_tensor")}  # none when the LLM is replicated (realign)
         save_file(part, os.path.join(out, f"{event}-partition-rank{rank}.safetensors"))
         named = [(f"llm.{n}", [p], None) for n, p in module.llm.named_parameters()]
         named += [(f"connector.{m}.{n}", [p], None) for m, c in module.connectors.items()

@@ -113,8 +113,8 @@ def config_ftp_run_dir(ctx):
 
 
 @case("stages.realign.mode")
-def config_realign_mode_not_built(ctx):
-    return ["config", "check", ctx.config(set_("stages.realign.mode", "data_parallel"))]
+def config_realign_mode_unknown(ctx):
+    return ["config", "check", ctx.config(set_("stages.realign.mode", "fsdp"))]
 
 
 @case("llm.tiny: hidden_size must be positive, got -8")

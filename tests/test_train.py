@@ -1,7 +1,9 @@
 """The per-modality training job: 2 ranks, ZeRO-3, gloo, the tiny model, the built-in shards."""
+import copy
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +104,17 @@ def test_finetune_two_stages_zero3(tiny_config, tmp_path):
     assert all(torch.equal(v, end_r[f"connector.image.{k}"]) for k, v in realigned.items())
     assert llm_files == {n: open(os.path.join(layout.finetune_llm("image"), n), "rb").read()
                          for n in os.listdir(layout.finetune_llm("image"))}
+    # auto: the tiny LLM fits, so it was replicated (no ZeRO). The same realign with the LLM
+    # partitioned (zero3) trains the same connector, up to float32 reduction order.
+    assert json.loads((tmp_path / "realign" / "metrics.json").read_text())["zero_stage"] == 0
+    shutil.rmtree(os.path.dirname(os.path.dirname(layout.realign_connector("image", "image"))))
+    zero3 = copy.deepcopy(cfg)
+    zero3["stages"]["realign"]["mode"] = "zero3"
+    torchrun(zero3, "realign", "image", tmp_path / "realign-zero3")
+    assert json.loads((tmp_path / "realign-zero3" / "metrics.json").read_text())[
+        "zero_stage"] == 3
+    for k, v in load_file(layout.realign_connector("image", "image")).items():
+        torch.testing.assert_close(v, realigned[k], rtol=1e-4, atol=1e-6)
 
     # Stage 2 starts from stage 1's LLM and leaves stage 1's artifacts as they were.
     before = {p: open(p, "rb").read() for p in [layout.finetune_connector("image")]}

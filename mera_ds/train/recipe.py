@@ -9,12 +9,13 @@ mera_ds.train.jobs builds for them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from mera_ds.config import LoraConfig, RunConfig, TrainingSettings, parse_size
 from mera_ds.data.replay import ReplaySet
 from mera_ds.errors import MeraError, RankFailure
 from mera_ds.train.runtime import (Board, Checkpointer, deepspeed_config, device_for,
-                                   init_distributed, is_comm_failure, optimizer_for, rank_addresses,
+                                   device_memory, init_distributed, llm_bytes, is_comm_failure, optimizer_for, rank_addresses,
                                    to_device)
 
 log = logging.getLogger("mera_ds.train")
@@ -93,7 +94,10 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
         loader = setup_data(cfg, spec, engine, start)
         metrics = train_loop(spec, engine, device, loader, start, checkpointer,
                              checkpoint_every or max(1, spec.settings.steps // 4), progress)
-        metrics.update(addresses=addresses, optimizer=type(engine.optimizer.optimizer).__name__)
+        # ZeRO wraps the optimizer; stage 0 (a replicated LLM) leaves it as it is.
+        optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        metrics.update(addresses=addresses, optimizer=type(optimizer).__name__,
+                       zero_stage=engine.zero_optimization_stage())
         if observe:
             observe("end", engine)
         export(cfg, spec, engine)
@@ -110,12 +114,12 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
 
 
 def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
-    """The MLLM of the job (LLM partitioned by ZeRO-3, connectors loaded, what trains unfrozen)
-    and its optimizer, wrapped in a DeepSpeed engine."""
+    """The MLLM of the job (LLM partitioned by ZeRO-3, or whole on every rank for a
+    data-parallel realign; connectors loaded, what trains unfrozen) and its optimizer, wrapped in
+    a DeepSpeed engine."""
     import warnings
 
     import deepspeed
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from mera_ds.model.connectors import load_connector
     from mera_ds.model.llm import DTYPES, build_llm
@@ -125,15 +129,13 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
     # DeepSpeed calls torch's renamed collectives on every step: one warning per call otherwise.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     torch.manual_seed(cfg.seed)
-    ds_config = deepspeed_config(cfg, spec.settings)
-    # The LLM is created partitioned (zero.Init through transformers' DeepSpeed integration):
-    # no rank ever holds all of it. Encoders and connectors are built outside that scope.
-    hf_ds = HfDeepSpeedConfig(ds_config)
-    try:
+    replicated = replicates_llm(cfg, spec, device)
+    ds_config = deepspeed_config(cfg, spec.settings, zero=not replicated)
+    # Replicated (frozen): every rank runs the LLM whole, nothing of it is gathered or reduced.
+    # Else it is created partitioned: no rank ever holds all of it. Encoders and connectors are
+    # built outside that scope.
+    with contextlib.nullcontext() if replicated else _partitioned(ds_config):
         llm, tokenizer = build_llm(cfg.llm, path=spec.init_llm)
-    finally:
-        unset_hf_deepspeed_config()
-        del hf_ds
     if spec.lora:
         llm = with_lora(llm, spec.lora)
     mllm = build_mllm(cfg, modalities=list(spec.learned), llm=llm, tokenizer=tokenizer)
@@ -150,6 +152,36 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
     optimizer = optimizer_for(groups, ds_config, device)
     engine, _, _, _ = deepspeed.initialize(model=mllm, optimizer=optimizer, config=ds_config)
     return engine
+
+
+@contextlib.contextmanager
+def _partitioned(ds_config: dict) -> Iterator[None]:
+    """Models created inside are partitioned by ZeRO-3 as they are built (zero.Init through
+    transformers' DeepSpeed integration, which holds the config by a weak reference: kept
+    alive here until the block ends)."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+
+
+def replicates_llm(cfg: RunConfig, spec: JobSpec, device: torch.device) -> bool:
+    """Whether this job keeps the LLM whole on every rank: a realign in data_parallel mode (its
+    LLM is frozen, so only the connectors' gradients need reducing), or in auto mode where the
+    LLM's weights take at most a third of every rank's device memory (the rest for activations
+    and the connectors). Collective: the ranks agree."""
+    if spec.phase != "realign" or spec.settings.mode == "zero3":
+        return False
+    if spec.settings.mode == "data_parallel":
+        return True
+    fits = torch.tensor([llm_bytes(cfg, spec.init_llm) * 3 <= device_memory(device)],
+                        dtype=torch.int64)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    return bool(fits.item())
 
 
 def setup_data(cfg: RunConfig, spec: JobSpec, engine, start: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import shutil
 import socket
@@ -110,9 +111,13 @@ def to_device(obj, device):
     return obj
 
 
-def deepspeed_config(cfg: RunConfig, settings: TrainingSettings) -> dict:
-    """The JSON config from ds_configs/, with batch sizes and precision from the run config."""
+def deepspeed_config(cfg: RunConfig, settings: TrainingSettings, zero: bool = True) -> dict:
+    """The JSON config from ds_configs/, with batch sizes and precision from the run config.
+    zero=False: plain data parallelism (ZeRO stage 0, nothing offloaded), for a job whose model
+    is replicated and whose trainable part is small."""
     ds = cfg.cluster.deepspeed
+    if not zero:
+        ds["zero_optimization"] = {"stage": 0}
     world = dist.get_world_size()
     ds["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
     ds["gradient_accumulation_steps"] = settings.batch_size // (settings.micro_batch_size * world)
@@ -122,6 +127,25 @@ def deepspeed_config(cfg: RunConfig, settings: TrainingSettings) -> dict:
     ds["fp16"] = {"enabled": cfg.llm.dtype == "float16"}
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory one rank may use: its GPU's, or on CPU the host's shared by the ranks of
+    this node."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def llm_bytes(cfg: RunConfig, path: str) -> int:
+    """The size of the LLM of the directory `path` in cfg.llm.dtype, from its safetensors
+    headers."""
+    from mera_ds.io.reader import Checkpoint
+    from mera_ds.model.llm import DTYPES
+
+    return sum(math.prod(i.shape) for i in Checkpoint(path).infos.values()) * \
+        DTYPES[cfg.llm.dtype].itemsize
 
 
 def optimizer_for(groups: list[dict], ds_config: dict, device: torch.device):
