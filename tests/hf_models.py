@@ -54,27 +54,33 @@ def save_llama(path: str, seed: int = 0) -> str:
     return path
 
 
-def save_clip(path: str, image_size: int = 28, patch_size: int = 7) -> str:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def _save_vision(path: str, family: str, processor, seed: int, image_size: int,
+                 patch_size: int) -> str:
+    import transformers
 
-    torch.manual_seed(1)
-    CLIPVisionModel(CLIPVisionConfig(
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{family}VisionConfig")(
         image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2)).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size=image_size).save_pretrained(path)
+        num_hidden_layers=2, num_attention_heads=2)
+    getattr(transformers, f"{family}VisionModel")(config).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
+
+
+def save_clip(path: str, image_size: int = 28, patch_size: int = 7) -> str:
+    from transformers import CLIPImageProcessor
+
+    return _save_vision(path, "CLIP", CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                         crop_size=image_size),
+                        1, image_size, patch_size)
 
 
 def save_siglip(path: str, image_size: int = 28, patch_size: int = 7) -> str:
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipImageProcessor
 
-    torch.manual_seed(2)
-    SiglipVisionModel(SiglipVisionConfig(
-        image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2)).save_pretrained(path)
-    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
-    return path
+    return _save_vision(path, "Siglip",
+                        SiglipImageProcessor(size={"height": image_size, "width": image_size}),
+                        2, image_size, patch_size)
 
 
 def save_whisper(path: str) -> str:
