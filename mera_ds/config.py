@@ -133,6 +133,10 @@ class TrainingSettings(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    num_workers: Optional[int] = Field(
+        None, ge=1, description="Ray Train workers of this phase's jobs (e.g. realign on fewer "
+        "than finetune, the rest of the cluster left to the steps beside it); unset: "
+        "cluster.num_workers. A launcher's jobs have the launcher's ranks")
 
 
 class AlignConfig(TrainingSettings):
@@ -228,6 +232,11 @@ class ClusterConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places a job's workers on nodes: PACK fills a node first "
         "(fewest bytes across the network), STRICT_SPREAD one worker per node")
+    schedule: Literal["dependency", "sequential"] = Field(
+        "dependency", description="on Ray, dependency: a step starts as soon as the steps "
+        "whose artifacts it reads are done and the cluster has its resources (replay, realign "
+        "and evaluate of a stage beside the next stage's finetune); sequential: one step at a "
+        "time, in the plan's order. The in-process executor runs one at a time")
     _deepspeed: dict = PrivateAttr(default_factory=dict)  # the JSON at deepspeed_config
 
     @field_validator("deepspeed_config")
@@ -292,12 +301,22 @@ class RunConfig(_Strict):
         for name, s in self.stages:
             if not isinstance(s, TrainingSettings):
                 continue
-            per_step = s.micro_batch_size * self.cluster.num_workers
+            per_step = s.micro_batch_size * self.workers(name)
             if s.batch_size % per_step:
+                workers = "num_workers" if s.num_workers else "cluster.num_workers"
                 raise ValueError(
                     f"stages.{name}.batch_size {s.batch_size} is not a multiple of "
-                    f"micro_batch_size x cluster.num_workers = {per_step}")
+                    f"micro_batch_size x {workers} = {per_step}")
         return self
+
+    def workers(self, phase: str) -> int:
+        """The Ray Train workers of a training phase's jobs."""
+        return getattr(self.stages, phase).num_workers or self.cluster.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers any training job of the run has."""
+        return max(self.workers(n) for n, s in self.stages if isinstance(s, TrainingSettings))
 
     def modality(self, name: str) -> ModalityConfig:
         for m in self.modalities:
@@ -319,7 +338,7 @@ class RunConfig(_Strict):
 
 
 # Settings that may change between a run and its resume: where it runs, not what it computes.
-NOT_FINGERPRINTED = {"cluster.ray_address", "cluster.placement_strategy",
+NOT_FINGERPRINTED = {"cluster.ray_address", "cluster.placement_strategy", "cluster.schedule",
                      "cluster.shared_filesystem", "cluster.timeout_s", "cluster.max_failures"}
 
 

@@ -148,13 +148,15 @@ def mera_run(path, *extra, env=None):
 
 @pytest.fixture(scope="session")
 def resumed_run(builtin_shards, tmp_path_factory):
-    """A two-modality run on a local Ray, its driver killed during stage 2's finetune, then
-    resumed to the end (test_pipeline checks the resume; test_faults compares with it)."""
+    """A two-modality run on a local Ray (one step at a time: the sequential schedule), its
+    driver killed during stage 2's finetune, then resumed to the end (test_pipeline checks the
+    resume; test_faults and test_schedule compare with it)."""
     from mera_ds.config import parse_config
     from mera_ds.run.layout import RunLayout
 
     tmp = tmp_path_factory.mktemp("pipeline")
     cfg = two_modalities(default_config(builtin_shards, tmp / "ray"))
+    cfg["cluster"]["schedule"] = "sequential"
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     layout = RunLayout.of(parse_config(cfg))
@@ -170,15 +172,21 @@ def resumed_run(builtin_shards, tmp_path_factory):
     time.sleep(2)
     first = json.loads(open(layout.manifest).read())["steps"]
     assert "01-image/evaluate" in first and "02-video/finetune" not in first, "".join(lines)
-    stage1 = {p: os.path.getmtime(p) for p in
-              [os.path.join(layout.finetune_llm("image"), "config.json"),
-               layout.realign_connector("image", "image"), layout.eval_metrics("image")]}
+    stage1 = {p: os.path.getmtime(p) for step in first.values() for url in step["outputs"]
+              for p in _files(url)}
 
     proc = mera_run(path, "--resume")
     out = proc.stdout.read()
     assert proc.wait() == 0, out[-4000:]
     return {"cfg": cfg, "path": path, "layout": layout, "first": first, "stage1": stage1,
             "out": out, "tmp": tmp}
+
+
+def _files(path: str) -> list[str]:
+    """The file at `path`, or the files under the directory there."""
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
 
 
 def ray_train_worker_of(driver: int) -> int:

@@ -65,6 +65,8 @@ BAD = [
     ("stages.finetune.lr_llm", -1.0, "stages.finetune.lr_llm: Input should be greater than 0"),
     ("stages.finetune.lr_llm", "fast", "stages.finetune.lr_llm: Input should be a valid number"),
     ("stages.finetune.batch_size", 12, "stages.finetune.batch_size 12 is not a multiple"),
+    ("stages.realign.num_workers", 3, "stages.realign.batch_size 16 is not a multiple of "
+     "micro_batch_size x num_workers = 24"),
     ("stages.realign.replay_ratio", 1.5, "stages.realign.replay_ratio: Input should be less"),
     ("stages.realign.mode", "fsdp", "stages.realign.mode:"),
     ("stages.merge.strategy", "slerp", "stages.merge.strategy:"),
@@ -72,6 +74,7 @@ BAD = [
     ("stages.merge.weights", "heavy", "stages.merge.weights: Input should be a valid list"),
     ("cluster.deepspeed_config", "ds_configs/nope.json", "cluster.deepspeed_config: no DeepSpeed"),
     ("cluster.num_workers", 0, "cluster.num_workers: Input should be greater than or equal to 1"),
+    ("cluster.schedule", "eager", "cluster.schedule:"),
     ("llm.dtype", "fp8", "llm.dtype:"),
     ("stages.finetune.lr", 1e-4, "stages.finetune.lr: unknown field"),
     ("data.on_corrupt", "ignore", "data.on_corrupt:"),

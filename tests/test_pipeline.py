@@ -20,10 +20,12 @@ def test_killed_run_resumes_without_redoing_finished_steps(resumed_run):
     layout, first, out = resumed_run["layout"], resumed_run["first"], resumed_run["out"]
     for name in first:
         assert f"{name}: done earlier, skipped" in out
-    assert all(os.path.getmtime(p) == t for p, t in resumed_run["stage1"].items())
+    assert resumed_run["stage1"] and all(
+        os.path.getmtime(p) == t for p, t in resumed_run["stage1"].items())
     final = json.loads(open(layout.manifest).read())["steps"]
-    assert set(final) == set(first) | {"02-video/finetune", "02-video/replay", "02-video/merge",
-                                       "02-video/realign", "02-video/evaluate"}
+    assert set(final) == {f"{stage}/{phase}" for stage in ("01-image", "02-video")
+                          for phase in ("replay", "finetune", "realign", "evaluate")} | {
+                              "02-video/merge"}
     assert final["01-image/finetune"] == first["01-image/finetune"]
     metrics = json.loads(open(layout.eval_metrics("video")).read())
     assert set(metrics["scores"]) == {"image", "video"}
@@ -63,7 +65,7 @@ def test_local_executor_runs_the_same_plan_as_ray(resumed_run):
     assert artifacts(local) == artifacts(ray_dir)
     manifests = {"local": json.loads((local / "manifest.json").read_text()),
                  "ray": json.loads(open(os.path.join(ray_dir, "manifest.json")).read())}
-    assert list(manifests["local"]["steps"]) == list(manifests["ray"]["steps"])
+    assert set(manifests["local"]["steps"]) == set(manifests["ray"]["steps"])
     assert manifests["local"]["order"] == ["image", "video"]
     # A training step records the same metrics under both, the final ones (where its ranks
     # ran, the last loss), though Ray Train itself keeps only those reported with a checkpoint.

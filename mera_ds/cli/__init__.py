@@ -33,8 +33,8 @@ def execute_steps(args, cfg, steps, resume: bool):
     from mera_ds.run.preflight import preflight
 
     on_ray = args.executor == "ray"
-    preflight(cfg, steps, cfg.cluster.num_workers if on_ray else int(os.environ.get(
-        "WORLD_SIZE", 1)), cfg.cluster.ray_address if on_ray else None)
+    preflight(cfg, steps, None if on_ray else int(os.environ.get("WORLD_SIZE", 1)),
+              cfg.cluster.ray_address if on_ray else None)
     manifest = Manifest.open(RunLayout.of(cfg), cfg, "mera", resume)
     if not on_ray:
         def executor(c, step):
@@ -43,7 +43,8 @@ def execute_steps(args, cfg, steps, resume: bool):
         from mera_ds.cluster.executor import RayExecutor
 
         executor = RayExecutor(args.checkpoint_every)
-    execute(cfg, steps, manifest, executor)
+    execute(cfg, steps, manifest, executor,
+            concurrent=on_ray and cfg.cluster.schedule == "dependency")
     return manifest
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from typing import Optional
 
 from mera_ds.config import RunConfig
@@ -25,29 +26,20 @@ log = logging.getLogger("mera_ds.cluster")
 
 class RayExecutor:
     """Runs steps on the Ray cluster of cluster.ray_address (RAY_ADDRESS, or a local instance),
-    connecting at the first step it runs (a resumed run may have none left)."""
+    connecting at the first step it runs (a resumed run may have none left). Several steps may
+    run at once, each called from its own thread (run.local.execute): Ray queues those the
+    cluster has no resources for yet."""
 
     def __init__(self, checkpoint_every: Optional[int] = None):
         self.checkpoint_every = checkpoint_every
         self.connected = False
+        self.connecting = threading.Lock()
         self.relay = None  # a quiet console's: the steps' progress and warnings come through it
 
     def __call__(self, cfg: RunConfig, step: Step):
-        from mera_ds.cluster.connect import connect, relaying, start_relay
+        from mera_ds.cluster.connect import relaying
 
-        if not self.connected:
-            import ray
-
-            from mera_ds.run.preflight import check_nodes
-
-            # Enough CPUs for the training workers even on a small machine.
-            connect(cfg.cluster.ray_address,
-                    num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers),
-                    quiet=console.quiet())
-            check_nodes(cfg, sum(1 for n in ray.nodes() if n["Alive"]))
-            if console.quiet():
-                self.relay = start_relay()
-            self.connected = True
+        self._connect(cfg)
         logs = RunLayout.of(cfg) if self.relay else None
         try:
             with relaying(self.relay, console.deliver) if self.relay else contextlib.nullcontext():
@@ -58,6 +50,23 @@ class RayExecutor:
             rank = e.rank if isinstance(e, WorkerFailure) else 0
             see = f" (see {logs.step_log(step.name, rank)})" if logs else ""
             raise MeraError(f"{step.name} failed on the cluster: {_last_line(e)}{see}") from e
+
+    def _connect(self, cfg: RunConfig) -> None:
+        import ray
+
+        from mera_ds.cluster.connect import connect, start_relay
+        from mera_ds.run.preflight import check_nodes
+
+        with self.connecting:
+            if self.connected:
+                return
+            # Enough CPUs for the largest training job even on a small machine.
+            connect(cfg.cluster.ray_address, num_cpus=max(os.cpu_count() or 1, cfg.max_workers),
+                    quiet=console.quiet())
+            check_nodes(cfg, sum(1 for n in ray.nodes() if n["Alive"]))
+            if console.quiet():
+                self.relay = start_relay()
+            self.connected = True
 
     def _run(self, cfg: RunConfig, step: Step, logs: Optional[RunLayout]):
         """Run the step; `logs`: the layout of its log files (None: output on the console)."""

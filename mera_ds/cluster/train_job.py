@@ -96,16 +96,16 @@ def train_on_ray(cfg: RunConfig, spec: JobSpec, checkpoint_every: Optional[int] 
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    c = cfg.cluster
+    c, workers = cfg.cluster, cfg.workers(spec.phase)
     attempts = c.max_failures + 1
-    log.info("%s: %d Ray Train workers", spec.name, c.num_workers)
+    log.info("%s: %d Ray Train workers", spec.name, workers)
     for attempt in range(1, attempts + 1):
         # Same name and storage path each time: Ray Train resumes from the run's checkpoints.
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": cfg, "spec": spec, "checkpoint_every": checkpoint_every,
                                "relay": relay, "logs": logs},
-            scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=c.use_gpu,
                                          resources_per_worker={"CPU": 1},
                                          placement_strategy=c.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",

@@ -233,8 +233,10 @@ class Console:
         self.log_url = self.local_log = None
         self.stream = sys.stderr
         self.lock = threading.Lock()
-        self.active: Optional[str] = None
-        self.bar = None  # tqdm status line, _Bar or PlainProgress of the active step
+        # The running steps (several at once under the dependency schedule): each one's tqdm
+        # status line, _Bar or PlainProgress (None: none yet).
+        self.bars: dict[str, object] = {}
+        self.here = threading.local()  # .step: the step this thread runs
 
     def open(self, url: str) -> None:
         root = logging.getLogger()
@@ -266,21 +268,22 @@ class Console:
     @contextlib.contextmanager
     def running(self, name: str) -> Iterator[None]:
         with self.lock:
-            self.active = name
-            if self.tty():
-                self.bar = tqdm(desc=f"{name}: running", bar_format="{desc}", file=self.stream,
-                                leave=False)
+            self.bars[name] = tqdm(desc=f"{name}: running", bar_format="{desc}",
+                                   file=self.stream, leave=False) if self.tty() else None
+        self.here.step = name
         try:
             yield
         finally:
+            self.here.step = None
             with self.lock:
-                self._close_bar()
-                self.active = None
+                self._close_bar(name)
+                del self.bars[name]
 
     def progress(self) -> Optional[Callable]:
-        if not self.shows_steps or self.active is None:
+        name = getattr(self.here, "step", None)
+        if not self.shows_steps or name is None:
             return None
-        return functools.partial(self.update, self.active)
+        return functools.partial(self.update, name)
 
     def update(self, name: str, step: int, steps: int, loss: Optional[float] = None,
                tokens_per_s: Optional[float] = None) -> None:
@@ -288,22 +291,24 @@ class Console:
         per training step; a call at a step already passed is a restarted attempt."""
         lines = []
         with self.lock:
-            if name != self.active:
+            if name not in self.bars:
                 return
-            if not isinstance(self.bar, (_Bar, PlainProgress)) or step <= self.bar.n:
-                self._close_bar()
+            bar = self.bars[name]
+            if not isinstance(bar, (_Bar, PlainProgress)) or step <= bar.n:
+                self._close_bar(name)
                 if step:
                     lines.append(f"{name}: resuming at step {step} of {steps}")
-                self.bar = (_Bar(name, steps, step, self.stream) if self.tty()
-                            else PlainProgress(name, steps, step))
-            lines.append(self.bar.update(step, loss, tokens_per_s))
+                bar = self.bars[name] = (_Bar(name, steps, step, self.stream) if self.tty()
+                                         else PlainProgress(name, steps, step))
+            lines.append(bar.update(step, loss, tokens_per_s))
         for line in filter(None, lines):
             tell(line)
 
-    def _close_bar(self) -> None:
-        if self.bar is not None and not isinstance(self.bar, PlainProgress):
-            self.bar.close()
-        self.bar = None
+    def _close_bar(self, name: str) -> None:
+        bar = self.bars[name]
+        if bar is not None and not isinstance(bar, PlainProgress):
+            bar.close()
+        self.bars[name] = None
 
     def see(self) -> Optional[str]:
         """The log file that holds what this process logs now."""

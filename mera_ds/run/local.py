@@ -8,7 +8,11 @@ step's artifacts are the same whichever executor ran it.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from typing import Callable, Optional
+
+from tqdm import tqdm
 
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
@@ -22,21 +26,67 @@ from mera_ds.train.recipe import JobSpec
 Executor = Callable[[RunConfig, Step], dict]
 
 
-def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Executor) -> None:
-    """Run the steps in order through `executor`, skipping those the manifest records; their
-    results are in manifest.steps. Each ends in one line on the console (run.console)."""
-    from tqdm import tqdm
-
+def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Executor,
+            concurrent: bool = False) -> None:
+    """Run the steps through `executor`, skipping those the manifest records; their results are
+    in manifest.steps. Each ends in one line on the console (run.console). In the plan's order,
+    one at a time; or (`concurrent`, an executor that may be called from several threads at
+    once) each as soon as the steps it depends on are done (run.schedule). Once a step fails no
+    other starts; those running finish (and are recorded, for --resume) before its error is
+    raised."""
     console.open_log(RunLayout.of(cfg).driver_log)
+    todo = []
     for step in steps:
         if step.name in manifest.steps:
             result = manifest.run(step.name, step.outputs, executor, cfg, step)
             console.tell(f"{step.name}: done earlier, skipped ({summary(result)})")
-            continue
-        with console.step(step.name):
-            result = manifest.run(step.name, step.outputs, executor, cfg, step)
-        seconds = tqdm.format_interval(manifest.timings[step.name])
-        console.tell(f"{step.name}: {summary(result)} in {seconds}")
+        else:
+            todo.append(step)
+    if not concurrent:
+        for step in todo:
+            _run(cfg, step, manifest, executor)
+        return
+    from mera_ds.run.schedule import Schedule
+
+    schedule = Schedule(steps, manifest.steps)
+    ended: queue.SimpleQueue = queue.SimpleQueue()
+    running: set[str] = set()
+    error = None
+
+    def run(step: Step) -> None:
+        try:
+            _run(cfg, step, manifest, executor)
+            ended.put((step.name, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the thread that raises it
+            ended.put((step.name, e))
+
+    while True:
+        for step in schedule.ready() if error is None else ():
+            running.add(step.name)
+            # Daemon threads: an interrupted driver exits without waiting on its steps.
+            threading.Thread(target=run, args=(step,), name=f"mera {step.name}",
+                             daemon=True).start()
+        if not running:
+            break
+        name, e = ended.get()
+        running.discard(name)
+        if e is None:
+            schedule.finish(name)
+        elif error is None:
+            error = e
+            if running:
+                console.tell(f"{name} failed; no step starts now, waiting for "
+                             f"{', '.join(sorted(running))} to end (--resume goes on from "
+                             f"there)")
+    if error is not None:
+        raise error
+
+
+def _run(cfg: RunConfig, step: Step, manifest: Manifest, executor: Executor) -> None:
+    with console.step(step.name):
+        result = manifest.run(step.name, step.outputs, executor, cfg, step)
+    seconds = tqdm.format_interval(manifest.timings[step.name])
+    console.tell(f"{step.name}: {summary(result)} in {seconds}")
 
 
 def summary(result: dict) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ class Manifest:
     def __init__(self, url: str, about: dict, steps: dict):
         self.url, self.about, self.steps = url, about, steps
         self.timings: dict[str, float] = {}  # seconds of the steps run by this process
+        self.lock = threading.Lock()
 
     @classmethod
     def open(cls, layout: RunLayout, cfg: RunConfig, method: str, resume: bool) -> "Manifest":
@@ -105,11 +107,12 @@ class Manifest:
         result = fn(*args, **kwargs)
         if dataclasses.is_dataclass(result):
             result = dataclasses.asdict(result)
-        self.timings[name] = time.time() - t0
-        self.steps[name] = {"outputs": list(outputs), "result": result,
-                            "seconds": self.timings[name],
-                            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        self._write()
+        t1 = time.time()
+        with self.lock:  # steps that run side by side end in any order
+            self.timings[name] = t1 - t0
+            self.steps[name] = {"outputs": list(outputs), "result": result,
+                                "seconds": t1 - t0, "started": _iso(t0), "finished": _iso(t1)}
+            self._write()
         return result
 
 
@@ -126,6 +129,10 @@ def read(url: str) -> Manifest:
             raise MeraError(f"{url}: {key!r} is not a JSON {kind.__name__}"
                             f"{' of modality names' if key == 'order' else ''}")
     return Manifest(url, {k: data[k] for k in ("order", "method", "config")}, data["steps"])
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
 
 
 def _recording() -> bool:

@@ -67,7 +67,9 @@ class ReplaySpec(_OneOutput):
     out: str             # the replay directory
     ratio: float
     seed: int
-    num_shards: int      # one per training rank
+    num_shards: int      # one per rank of the largest training job
+
+    inputs = ()          # the shards are there before the run
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,20 @@ class MergeSpec(_OneOutput):
     out: str
     step: int                    # i
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.prev, *self.finetuned)
+
 
 @dataclass(frozen=True)
 class EvalSpec(_OneOutput):
-    llm: str                     # theta_i
+    llm: Optional[str]           # theta_i
     connectors: dict             # {learned modality: connector file}
     out: str                     # metrics.json
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(u for u in (self.llm, *self.connectors.values()) if u)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,11 @@ class Step:
     @property
     def outputs(self) -> tuple[str, ...]:
         return self.spec.outputs
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The artifacts of the run it reads (mera_ds.run.schedule orders steps by them)."""
+        return self.spec.inputs
 
 
 def plan(cfg: RunConfig, method: Method, layout: RunLayout, chained: bool = False) -> list[Step]:
@@ -160,7 +175,7 @@ class _Planner:
             tag = self.tag(ratio)
             steps.append(Step(self.root.step_name(m, "replay", tag), "replay", m, ReplaySpec(
                 cfg.modality(m).train_shards, self.root.replay_dir(m, tag), ratio, cfg.seed,
-                cfg.cluster.num_workers)))
+                cfg.max_workers)))
         steps.append(self.finetune(i, ft))
         if self.method.chain == "merge" and i > 1:
             out = self.at("merge")

@@ -17,17 +17,17 @@ from mera_ds.run.plan import EvalSpec, ReplaySpec, Step
 from mera_ds.train.recipe import JobSpec
 
 
-def preflight(cfg: RunConfig, steps: Iterable[Step], ranks: int,
+def preflight(cfg: RunConfig, steps: Iterable[Step], ranks: Optional[int] = None,
               ray_address: Optional[str] = None) -> None:
     """Raise a one-line MeraError for the first input of `steps` that is missing. `ranks`: the
-    processes of a training job (each needs a shard of its own); `ray_address`: a cluster the
-    steps will run on."""
+    processes of every training job under a launcher (None: on Ray, each phase's workers); each
+    needs a shard of its own. `ray_address`: a cluster the steps will run on."""
     steps = list(steps)
-    for pattern, training in _shard_patterns(cfg, steps):
+    for pattern, readers in _shard_patterns(cfg, steps, ranks):
         urls = existing_shards(pattern)
-        if training and len(urls) < ranks:
-            raise MeraError(f"{pattern}: {len(urls)} shard(s) for {ranks} training ranks; every "
-                            f"rank needs a shard of its own (write more, smaller shards)")
+        if len(urls) < readers:
+            raise MeraError(f"{pattern}: {len(urls)} shard(s) for {readers} training ranks; "
+                            f"every rank needs a shard of its own (write more, smaller shards)")
     modalities = {s.modality for s in steps} | {m for s in steps if isinstance(s.spec, EvalSpec)
                                                 for m in s.spec.connectors}
     _model_path("llm.path", cfg.llm.path)
@@ -42,21 +42,22 @@ def preflight(cfg: RunConfig, steps: Iterable[Step], ranks: int,
         _listening(ray_address)
 
 
-def _shard_patterns(cfg: RunConfig, steps: list[Step]) -> list[tuple[str, bool]]:
-    """(pattern, read by a training job) of every shard pattern the steps read, once each.
-    Replay sets are left out: an earlier step writes them."""
-    seen: dict[str, bool] = {}
+def _shard_patterns(cfg: RunConfig, steps: list[Step],
+                    ranks: Optional[int]) -> list[tuple[str, int]]:
+    """(pattern, the most training ranks that read it at once; 0: none) of every shard pattern
+    the steps read, once each. Replay sets are left out: an earlier step writes them."""
+    seen: dict[str, int] = {}
     for step in steps:
         spec = step.spec
         if isinstance(spec, JobSpec):
             for d in spec.data:
                 if isinstance(d, str):
-                    seen[d] = True
+                    seen[d] = max(seen.get(d, 0), ranks or cfg.workers(spec.phase))
         elif isinstance(spec, ReplaySpec):
-            seen.setdefault(spec.source, False)
+            seen.setdefault(spec.source, 0)
         elif isinstance(spec, EvalSpec):
             for m in spec.connectors:
-                seen.setdefault(cfg.modality(m).eval_shards, False)
+                seen.setdefault(cfg.modality(m).eval_shards, 0)
     return list(seen.items())
 
 

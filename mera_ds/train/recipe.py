@@ -57,6 +57,13 @@ class JobSpec:
         """The artifacts it writes (the resume state is none)."""
         return tuple(u for u in (self.export_llm, *self.export_connectors.values()) if u)
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What it reads that a run may write: the LLM, connectors and replay sets it starts
+        from (not the shards nor the config's LLM, which are there before the run)."""
+        replays = (d.dir for d in self.data if isinstance(d, ReplaySet))
+        return tuple(u for u in (self.init_llm, *self.init_connectors.values(), *replays) if u)
+
 
 def lr_factor(step: int, settings: TrainingSettings) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
