@@ -176,11 +176,17 @@ class MergeConfig(_Strict):
     strategy: str = Field("mera", description="one of " + ", ".join(STRATEGIES))
     weights: Optional[list[float]] = Field(
         None, description="linear: one weight per merged model, the previous one first")
-    lam: float = Field(1.0, description="task_arithmetic/ties/dare: scale of the summed deltas")
-    density: float = Field(0.2, gt=0, le=1, description="ties: fraction of delta magnitudes kept")
+    lam: float = Field(1.0, description="task_arithmetic/ties/dare/pcb: scale of the merged deltas")
+    density: float = Field(0.2, gt=0, le=1, description="ties, pcb: fraction of each delta kept")
     drop_p: float = Field(0.9, ge=0, lt=1, description="dare: drop probability")
     seed: int = 0
     shard_size: str = Field("2GB", description="output shard size, e.g. 500MB")
+    across_stages: bool = Field(
+        False, description="the merge of stage i combines the task vectors theta_ft_k - "
+        "theta_0 of every stage k <= i (theta_0, the LLM before the first modality, is written "
+        "to RUN/base/llm once) with the strategy, instead of theta_{i-1} and theta_ft_i; mera "
+        "over them is the same running average; task_arithmetic and dare, which sum the task "
+        "vectors, take lam / i, so that lam scales their average")
 
     _strategy = field_validator("strategy")(classmethod(
         lambda cls, v: _one_of(v, STRATEGIES, "merge strategy")))

@@ -14,7 +14,9 @@ def register(sub):
     mcl.add_argument("--order", help="training order, e.g. image,video,audio,depth "
                                      "(default: the config's)")
     mcl.add_argument("--seed", type=int, help="default: the config's")
-    mcl.add_argument("--methods", help="comma-separated subset (default: all)")
+    mcl.add_argument("--methods", help="comma-separated (default: the paper's baselines and "
+                     "mera-1, mera-10; also mera-avg, mera-ties, mera-dare, mera-pcb: "
+                     "merges across stages)")
     mcl.add_argument("--out", help="working directory (default: runs/mcl/ORDER-sSEED)")
     mcl.add_argument("--json", help="write the results here (default: OUT/mcl.json)")
     mcl.add_argument("--matrix", action="store_true", help="print every method's P matrix")

@@ -18,7 +18,7 @@ from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
 from mera_ds.run import console
 from mera_ds.run.layout import RunLayout
-from mera_ds.run.plan import MergeSpec, Step
+from mera_ds.run.plan import MergeSpec, Step, merge_config
 from mera_ds.train.recipe import JobSpec
 
 log = logging.getLogger("mera_ds.cluster")
@@ -86,7 +86,7 @@ class RayExecutor:
         if isinstance(spec, MergeSpec):
             from mera_ds.cluster.merge_actor import merge_on_ray
 
-            return merge_on_ray(spec.prev, spec.finetuned, spec.out, cfg.stages.merge,
+            return merge_on_ray(spec.prev, spec.finetuned, spec.out, merge_config(cfg, spec),
                                 step=spec.step, log=path, forward=forward)
         gpus = 1 if cfg.cluster.use_gpu and step.phase == "evaluate" else 0
         return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(_run_step).remote(

@@ -6,8 +6,9 @@ STRATEGIES is the one registry: the run config validates `stages.merge.strategy`
 config.MergeConfig (read here as `cfg.<field>`; this module imports no config, so the config can
 import it).
 
-- mera: theta_{i-1} + (theta_ft_i - theta_{i-1}) / i, step i >= 2, one fine-tuned model (the
-  paper's Eq. 4.1: a uniform running average of the per-modality LLMs);
+- mera: prev + sum_k (ft_k - prev) / i, step i >= 2: with prev = theta_{i-1} and one fine-tuned
+  model, the paper's Eq. 4.1; with prev = theta_0 and the i fine-tuned models of stages 1..i (a
+  merge across stages), the same uniform average of the per-modality LLMs, in one step;
 - linear: sum_k w_k x_k / sum_k w_k over x = (prev, *finetuned) (model soups; equal weights by
   default);
 - task_arithmetic: prev + lam * sum_k (ft_k - prev);
@@ -18,7 +19,14 @@ import it).
 - dare: each delta element dropped with probability p and the rest scaled by 1 / (1 - p), then
   prev + lam * sum. The random mask of model k on block j of tensor `name` is drawn from a
   generator seeded by (seed, name, k, j), blocks being fixed runs of BLOCK elements: the result
-  does not depend on the shard plan, the number of workers or the order of work.
+  does not depend on the shard plan, the number of workers or the order of work;
+- pcb: PCB-Merging (Du et al., NeurIPS 2024), per tensor. Over the n deltas d_k (|d_k| clamped
+  to its 0.01% and 99.99% order statistics, as the authors' code does): intra-balancing
+  exp(n * minmax(|d_k|)^2), inter-balancing tanh(d_k * sum_j d_j), their product the score s_k;
+  each s_k clamped from below at its (1 - density) order statistic and min-max normalised to a
+  weight w_k (the rest of the elements get 0), then prev + lam * sum_k w_k d_k / sum_k w_k.
+  The authors normalise over the whole model's flattened task vector; here each tensor is its
+  own vector, so the merge streams tensor by tensor.
 """
 from __future__ import annotations
 
@@ -45,6 +53,9 @@ class Strategy:
     # True: element e of the output depends on element e of the inputs only, so any block of a
     # tensor can be merged on its own.
     elementwise: ClassVar[bool] = True
+    # True: the fine-tuned models' deltas are summed (times lam), not averaged: across stages the
+    # plan divides lam by the stage number, so that lam scales their average.
+    sums: ClassVar[bool] = False
 
     def __init__(self, cfg, n_finetuned: int, step: Optional[int]):
         # cfg: a config.MergeConfig (its fields are the strategies' settings)
@@ -61,19 +72,25 @@ class Strategy:
 
 class Mera(Strategy):
     name = "mera"
-    summary = "theta_{i-1} + (theta_ft_i - theta_{i-1}) / i: the paper's running average (--step i)"
+    summary = ("prev + sum_k (ft_k - prev) / i: the paper's running average (--step i; prev "
+               "theta_{i-1} and ft_i, or theta_0 and ft_1..ft_i)")
 
     def __init__(self, cfg, n_finetuned, step):
         super().__init__(cfg, n_finetuned, step)
-        if n_finetuned != 1:
-            raise MeraError(f"merge strategy mera: takes one fine-tuned LLM, got {n_finetuned}")
         if step is None or step < 2:
             raise MeraError(f"merge strategy mera: step must be >= 2 (the stage being merged), "
                             f"got {step}")
+        if n_finetuned not in (1, step):
+            raise MeraError(f"merge strategy mera: takes one fine-tuned LLM (after theta_"
+                            f"{{i-1}}) or i of them (after theta_0), got {n_finetuned} at step "
+                            f"{step}")
 
     def merge(self, name, block, prev, finetuned):
         # theta_{i-1} + (theta_ft_i - theta_{i-1}) / i, in this order of operations.
-        return finetuned[0].sub_(prev).div_(self.step).add_(prev)
+        total = finetuned[0].sub_(prev)
+        for x in finetuned[1:]:
+            total.add_(x.sub_(prev))
+        return total.div_(self.step).add_(prev)
 
 
 class Linear(Strategy):
@@ -102,6 +119,7 @@ class Linear(Strategy):
 class TaskArithmetic(Strategy):
     name = "task_arithmetic"
     summary = "prev + lam * sum_k (ft_k - prev) (--lam)"
+    sums = True
 
     def delta(self, name: str, block: int, k: int, x: torch.Tensor,
               prev: torch.Tensor) -> torch.Tensor:
@@ -160,8 +178,44 @@ class Ties(Strategy):
         return total.div_(count.clamp_(min=1)).mul_(self.cfg.lam).add_(prev)
 
 
+class Pcb(Strategy):
+    name = "pcb"
+    summary = ("PCB-Merging: deltas weighed by intra- and inter-model balancing, the top density "
+               "of each kept (--density, --lam)")
+    elementwise = False
+    OUTLIERS = 1e-4  # of |delta| clamped at each end (the authors' code)
+
+    def merge(self, name, block, prev, finetuned):
+        deltas = torch.stack([x.sub_(prev).reshape(-1) for x in finetuned])
+        n, d = deltas.shape
+        magnitude = _clamp_rows(deltas.abs(), self.OUTLIERS, self.OUTLIERS)
+        score = torch.exp(n * _minmax_rows(magnitude) ** 2)
+        score.mul_(torch.tanh(deltas * deltas.sum(0)))
+        weight = _minmax_rows(_clamp_rows(score, 1 - self.cfg.density, 0.0))
+        del score
+        clamped = magnitude.mul_(torch.sign(deltas))
+        merged = (clamped * weight).sum(0).div_(weight.sum(0).clamp_(min=1e-12))
+        return merged.reshape(prev.shape).mul_(self.cfg.lam).add_(prev)
+
+
+def _clamp_rows(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Each row of x (n x d) clamped between its order statistics at int(d * low) and
+    int(d * (1 - high)) - 1 (0-based, ascending)."""
+    d = x.shape[1]
+    lo = x.kthvalue(int(d * low) + 1, dim=1, keepdim=True).values
+    hi = x.kthvalue(max(1, int(d * (1 - high))), dim=1, keepdim=True).values
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def _minmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """(x - min) / (max - min) per row; a constant row is all zeros."""
+    lo = x.amin(dim=1, keepdim=True)
+    span = x.amax(dim=1, keepdim=True) - lo
+    return (x - lo).div_(torch.where(span > 0, span, torch.ones_like(span)))
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Mera, Linear, TaskArithmetic, Ties, Dare)}
+    s.name: s for s in (Mera, Linear, TaskArithmetic, Ties, Dare, Pcb)}
 
 
 def make_strategy(cfg, n_finetuned: int, step: Optional[int] = None) -> Strategy:

@@ -107,3 +107,22 @@ def save_llm_metadata(llm, tokenizer, url: str) -> None:
     if llm.generation_config is not None:
         llm.generation_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def write_llm(llm_cfg: LLMConfig, url: str, shard_size: str) -> dict:
+    """The LLM of `llm_cfg` as the run sees it (the tiny one, or the configured one with the
+    placeholder token added) to `url` in HF layout, written whole or not at all: theta_0 of a
+    run, the anchor of merges across stages, with the tensor names a finetune exports."""
+    from mera_ds.io.format import TensorSpec, dtype_code
+    from mera_ds.io.writer import ShardedWriter
+    from mera_ds.storage import committed_dir
+
+    llm, tokenizer = build_llm(llm_cfg)
+    tensors = list(llm.named_parameters())  # tied weights once, as the export writes them
+    plan = [TensorSpec(n, dtype_code(p.dtype), tuple(p.shape)) for n, p in tensors]
+    with committed_dir(url) as tmp:
+        save_llm_metadata(llm, tokenizer, tmp)
+        with ShardedWriter(tmp, max_shard_size=shard_size, plan=plan) as writer:
+            for name, p in tensors:
+                writer.add(name, p.detach())
+    return {"parameters": sum(p.numel() for _, p in tensors)}

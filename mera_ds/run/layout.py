@@ -2,6 +2,7 @@
 them. The plan, the executors, the report and the benchmark take every path from here.
 
     RUN/manifest.json                          the steps done, the order, the config
+    RUN/base/llm/                              theta_0, HF layout (merges across stages only)
     RUN/stages/NN-<modality>/align/connectors/<modality>.safetensors
     RUN/stages/NN-<modality>/finetune/llm/     HF layout
     RUN/stages/NN-<modality>/finetune/connectors/<modality>.safetensors
@@ -83,6 +84,12 @@ class RunLayout:
         """A connector a stage's finetune wrote: its own modality's, unless it trained several."""
         return join(self.phase_dir(modality, "finetune"), "connectors",
                     f"{connector_of or modality}.safetensors")
+
+    @property
+    def base_llm(self) -> str:
+        """theta_0, the LLM before the first modality, as the run sees it (its tokenizer with
+        the placeholder token): the anchor of merges across stages."""
+        return join(self.run_dir, "base", "llm")
 
     def merge_llm(self, modality: str) -> str:
         return join(self.phase_dir(modality, "merge"), "llm")

@@ -19,7 +19,7 @@ from mera_ds.errors import MeraError
 from mera_ds.run import console
 from mera_ds.run.layout import RunLayout
 from mera_ds.run.manifest import Manifest
-from mera_ds.run.plan import EvalSpec, MergeSpec, ReplaySpec, Step
+from mera_ds.run.plan import BaseSpec, EvalSpec, MergeSpec, ReplaySpec, Step, merge_config
 from mera_ds.train.recipe import JobSpec
 
 # How an executor runs one step: (config, step) -> its result (a dict, recorded in the manifest).
@@ -119,6 +119,10 @@ def _run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int]):
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise MeraError(f"{step.name}: a {step.phase} step runs in one process, not under a "
                         f"launcher with {os.environ['WORLD_SIZE']} ranks")
+    if isinstance(spec, BaseSpec):
+        from mera_ds.model.llm import write_llm
+
+        return write_llm(cfg.llm, spec.out, cfg.stages.merge.shard_size)
     if isinstance(spec, ReplaySpec):
         from mera_ds.data.replay import sample_replay
 
@@ -127,7 +131,7 @@ def _run_step(cfg: RunConfig, step: Step, checkpoint_every: Optional[int]):
     if isinstance(spec, MergeSpec):
         from mera_ds.merge.engine import merge_llm
 
-        return merge_llm(spec.prev, list(spec.finetuned), spec.out, cfg.stages.merge,
+        return merge_llm(spec.prev, list(spec.finetuned), spec.out, merge_config(cfg, spec),
                          step=spec.step)
     if isinstance(spec, EvalSpec):
         return evaluate(cfg, step.modality, spec)

@@ -8,7 +8,11 @@ plan (mera_ds.run.plan.Method):
 - merge-only: MERA without realign;
 - replay-10: 10% replay of the earlier modalities mixed into each finetune, all learned
   connectors trained with the LLM;
-- mera-1, mera-10: finetune, merge, realign on 1% / 10% replay.
+- mera-1, mera-10: finetune, merge, realign on 1% / 10% replay;
+- mera-avg, mera-ties, mera-dare, mera-pcb (only when asked for, with --methods): mera-10 with
+  each merge combining the task vectors of every stage so far against theta_0 with that strategy
+  of mera_ds.merge.strategies (mera-avg: mera over them, the running average again; mera-dare:
+  the average of the dropped and rescaled task vectors, lam / i).
 
 The methods' plans are laid over one directory, where steps that compute the same thing have the
 same name (stage 1 for all; stage 2's finetune for seq and merge, both from theta_1; each chain's
@@ -39,6 +43,9 @@ METHODS = {
     "mera-1": Method("merge", 0.01),
     "mera-10": Method("merge", 0.1),
 }
+# Merges across stages: run when named in --methods.
+ACROSS = {"mera-avg": "mera", "mera-ties": "ties", "mera-dare": "dare", "mera-pcb": "pcb"}
+EVERY_METHOD = {**METHODS, **{n: Method("merge", 0.1, across=s) for n, s in ACROSS.items()}}
 
 
 def bench_config(cfg: RunConfig, order: Optional[list[str]], seed: Optional[int],
@@ -89,11 +96,11 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
     from mera_ds.run.preflight import preflight
 
     names = methods or list(METHODS)
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in EVERY_METHOD]
     if unknown:
-        raise MeraError(f"--methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+        raise MeraError(f"--methods: {unknown[0]!r} is not one of {', '.join(EVERY_METHOD)}")
     layout = RunLayout.of(cfg)
-    plans = {n: plan(cfg, METHODS[n], layout, chained=True) for n in names}
+    plans = {n: plan(cfg, EVERY_METHOD[n], layout, chained=True) for n in names}
     preflight(cfg, [s for steps in plans.values() for s in steps], ranks=1)
     manifest = Manifest.open(layout, cfg, "mcl", resume)
     t0 = time.time()
@@ -161,8 +168,8 @@ def plot(result: dict, path: str) -> None:
 def summarize(results: list[dict]) -> str:
     """Mean, standard deviation and range of BRG and the final average per method over runs
     (orders x seeds), as a Markdown table."""
-    found = {n for r in results for n in r["methods"]}  # JSON keeps no order: METHODS's
-    names = [n for n in METHODS if n in found] + sorted(found - set(METHODS))
+    found = {n for r in results for n in r["methods"]}  # JSON keeps no order: EVERY_METHOD's
+    names = [n for n in EVERY_METHOD if n in found] + sorted(found - set(EVERY_METHOD))
     runs = ", ".join(f"{','.join(r['order'])}/s{r['seed']}" for r in results)
     lines = [f"{len(results)} runs: {runs}", "",
              "| method | BRG % mean | BRG sd | BRG min..max | final avg mean | final avg sd |",

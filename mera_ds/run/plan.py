@@ -4,16 +4,21 @@ mera_ds.cluster.executor on Ray); neither knows how a stage is wired, only how t
 
 A stage i (the modality m_i) has up to six phases, in this order:
 
+    base      theta_0 written as the run sees it     (stage 1, when merges span the stages)
     align     connector_i alone, LLM theta_{i-1} frozen          (optional)
     replay    r% of m_i's training samples, kept for realigns    (when a later step needs it)
     finetune  LLM + connector_i from theta_{i-1}                 -> theta_ft_i
     merge     theta_i = theta_{i-1} + (theta_ft_i - theta_{i-1}) / i   (i >= 2, merge chain)
+              or, across stages, a strategy over the task vectors theta_ft_k - theta_0, k <= i
     realign   connectors 1..i on the replay mix, theta_i frozen  (when the method realigns)
     evaluate  every learned modality on theta_i                  -> row i of P
 
 A *method* is a variant of that plan: its chain says how theta_i comes from theta_{i-1} (merge:
 MERA's merge; seq: the finetuned LLM as it is; replay: finetune on the new data mixed with the
-earlier modalities' replay) and its realign ratio whether and on how much replay it realigns.
+earlier modalities' replay), its realign ratio whether and on how much replay it realigns, and
+`across` whether its merges combine every stage's task vector against theta_0 (with a strategy of
+merge.strategies; mera over them is the paper's running average, the same model) rather than
+theta_{i-1} and theta_ft_i.
 `mera run` plans one method (MERA, from the config); `mera bench mcl` plans several over one
 directory, where steps that compute the same thing have the same name and run once (`chained`).
 """
@@ -25,11 +30,12 @@ from typing import Optional, Union
 from mera_ds.config import RunConfig
 from mera_ds.data.replay import ReplaySet
 from mera_ds.errors import MeraError
+from mera_ds.merge.strategies import STRATEGIES
 from mera_ds.run.layout import RunLayout
 from mera_ds.train.jobs import align_job, finetune_job, realign_job
 from mera_ds.train.recipe import JobSpec
 
-PHASES = ("align", "replay", "finetune", "merge", "realign", "evaluate")
+PHASES = ("base", "align", "replay", "finetune", "merge", "realign", "evaluate")
 TRAINING_PHASES = ("align", "finetune", "realign")
 CHAINS = ("merge", "seq", "replay")
 # The replay chain mixes this share of each earlier modality into its finetunes.
@@ -41,6 +47,9 @@ class Method:
     chain: str                       # merge | seq | replay
     realign: Optional[float] = None  # replay ratio of the realign after each stage; None: none
     align: bool = False
+    # The merge chain's merges: across stages with this strategy (None: theta_{i-1} and
+    # theta_ft_i, with the config's).
+    across: Optional[str] = None
 
     def __post_init__(self):
         if self.chain not in CHAINS:
@@ -49,8 +58,14 @@ class Method:
     @classmethod
     def of(cls, cfg: RunConfig) -> "Method":
         """What `mera run` does: MERA as the config sets it."""
-        ra = cfg.stages.realign
-        return cls("merge", ra.replay_ratio if ra.enabled else None, cfg.stages.align.enabled)
+        ra, mg = cfg.stages.realign, cfg.stages.merge
+        return cls("merge", ra.replay_ratio if ra.enabled else None, cfg.stages.align.enabled,
+                   mg.strategy if mg.across_stages else None)
+
+    @property
+    def key(self) -> str:
+        """Its chain's directory in a benchmark: each merge across stages is a chain of its own."""
+        return f"merge-{self.across}" if self.across else self.chain
 
 
 class _OneOutput:
@@ -73,11 +88,20 @@ class ReplaySpec(_OneOutput):
 
 
 @dataclass(frozen=True)
+class BaseSpec(_OneOutput):
+    out: str                     # theta_0 as an HF directory
+
+    inputs = ()                  # the config's LLM is there before the run
+
+
+@dataclass(frozen=True)
 class MergeSpec(_OneOutput):
-    prev: str                    # theta_{i-1}
-    finetuned: tuple[str, ...]   # theta_ft_i
+    prev: str                    # theta_{i-1}; across stages theta_0
+    finetuned: tuple[str, ...]   # theta_ft_i; across stages theta_ft_1 .. theta_ft_i
     out: str
     step: int                    # i
+    strategy: Optional[str] = None  # None: the config's
+    lam: Optional[float] = None     # None: the config's
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -100,7 +124,7 @@ class Step:
     name: str                    # in the manifest and the logs, e.g. "02-video/finetune"
     phase: str
     modality: str                # the stage's modality
-    spec: Union[JobSpec, ReplaySpec, MergeSpec, EvalSpec]
+    spec: Union[JobSpec, BaseSpec, ReplaySpec, MergeSpec, EvalSpec]
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -132,12 +156,12 @@ class _Planner:
         return self.root.of_chain(chain) if self.chained else self.root
 
     def llm_owner(self, i: int) -> str:
-        return "first" if i == 1 else self.method.chain
+        return "first" if i == 1 else self.method.key
 
     def finetune_owner(self, i: int) -> str:
         if i == 1:
             return "first"
-        return "seq" if self.method.chain == "merge" and i == 2 else self.method.chain
+        return "seq" if self.method.chain == "merge" and i == 2 else self.method.key
 
     def tag(self, ratio: Optional[float]) -> str:
         """Tells apart the replays (and realigns) of several replay ratios in one directory."""
@@ -150,7 +174,7 @@ class _Planner:
             return self.cfg.llm.path
         m = self.order[i - 1]
         if self.method.chain == "merge" and i > 1:
-            return self.at("merge").merge_llm(m)
+            return self.at(self.method.key).merge_llm(m)
         return self.at(self.finetune_owner(i)).finetune_llm(m)
 
     def where(self, layout: RunLayout, m: str, phase: str, tag: str = "") -> dict:
@@ -167,6 +191,9 @@ class _Planner:
     def stage(self, i: int) -> list[Step]:
         m, cfg = self.order[i - 1], self.cfg
         steps = []
+        if i == 1 and self.method.across:
+            steps.append(Step(self.root.step_name(m, "base"), "base", m,
+                              BaseSpec(self.root.base_llm)))
         ft = self.at(self.finetune_owner(i))
         if self.method.align:
             steps.append(_training(align_job(cfg, m, self.llm(i - 1), ft.align_connector(m),
@@ -178,9 +205,7 @@ class _Planner:
                 cfg.max_workers)))
         steps.append(self.finetune(i, ft))
         if self.method.chain == "merge" and i > 1:
-            out = self.at("merge")
-            steps.append(Step(out.step_name(m, "merge"), "merge", m, MergeSpec(
-                self.llm(i - 1), (ft.finetune_llm(m),), out.merge_llm(m), i)))
+            steps.append(self.merge(i))
         if self.method.realign is not None:
             steps.append(self.realign(i, ft))
         steps.append(self.evaluate(i))
@@ -203,6 +228,18 @@ class _Planner:
             cfg, m, self.llm(i - 1), data, init, out_llm=ft.finetune_llm(m),
             out_connectors={o: ft.finetune_connector(m, o) for o in trained},
             **self.where(ft, m, "finetune")))
+
+    def merge(self, i: int) -> Step:
+        """theta_i from theta_{i-1} and theta_ft_i; across stages from theta_0 and every
+        theta_ft_k, k <= i (the finetuned LLMs are artifacts of the run already: the task vectors
+        cost no storage beyond theta_0)."""
+        m, out, across = self.order[i - 1], self.at(self.method.key), self.method.across
+        finetuned = [self.at(self.finetune_owner(k)).finetune_llm(self.order[k - 1])
+                     for k in (range(1, i + 1) if across else (i,))]
+        prev = self.root.base_llm if across else self.llm(i - 1)
+        lam = self.cfg.stages.merge.lam / i if across and STRATEGIES[across].sums else None
+        return Step(out.step_name(m, "merge"), "merge", m,
+                    MergeSpec(prev, tuple(finetuned), out.merge_llm(m), i, across, lam))
 
     def realign(self, i: int, ft: RunLayout) -> Step:
         """Connectors 1..i on the replay mix: the newest from its finetune, the others from the
@@ -239,11 +276,19 @@ def _training(job: JobSpec) -> Step:
     return Step(job.name, job.phase, job.modality, job)
 
 
+def merge_config(cfg: RunConfig, spec: MergeSpec):
+    """The merge settings of a merge step: the config's, with the step's strategy and lam."""
+    update = {k: v for k, v in (("strategy", spec.strategy), ("lam", spec.lam)) if v is not None}
+    return cfg.stages.merge.model_copy(update=update)
+
+
 def find_step(steps: list[Step], phase: str, modality: str) -> Step:
     """The step of `phase` at `modality`'s stage (what `mera stage` runs)."""
     for step in steps:
         if step.phase == phase and step.modality == modality:
             return step
     why = {"merge": "the first stage has no merge",
-           "align": "stages.align.enabled is false"}.get(phase, "stages.realign.enabled is false")
+           "align": "stages.align.enabled is false",
+           "base": "only the first stage of a run whose merges span the stages has one (stages."
+                   "merge.across_stages)"}.get(phase, "stages.realign.enabled is false")
     raise MeraError(f"the run's plan has no {phase} step for modality {modality!r} ({why})")
