@@ -3,13 +3,16 @@
 Makes K LLaMA-shaped bf16 checkpoints (random weights, sharded as real ones are, with a
 config.json), then for each K merges them with `mera merge --strategy linear` and with
 `mergekit-yaml` (merge_method: linear, equal weights, same output shard size), each as a child
-process, and records wall time and memory (bench/procmem.py). Measures the disk's sequential read
-bandwidth with dd on the same files in the same run. Where the page cache can be dropped (root,
-writable /proc/sys/vm/drop_caches) every figure is taken cold (cache dropped just before) and
-warm (inputs just read); otherwise warm only, and the table says so.
+process, and records wall time, mera's own merge time (from its last line: start-up and `import
+torch` excluded) and memory (bench/procmem.py). mera runs with 1 and 2 threads: its process is
+given that many cores with taskset, and its threads default to the cores it may use. Measures the
+disk's sequential read bandwidth with dd on the same files just before each repeat. Where the page
+cache can be dropped (root, writable /proc/sys/vm/drop_caches) every figure is taken cold (cache
+dropped just before) and warm (inputs just read); otherwise warm only, and the table says so.
+Each figure is the median of --repeats runs.
 
     .venv/bin/python bench/merge_bench.py                # K = 2 and 4, cold and warm
-    .venv/bin/python bench/merge_bench.py --ks 2 --regimes warm --keep
+    .venv/bin/python bench/merge_bench.py --ks 2 --regimes warm --threads 2 --keep
 
 mergekit lives in its own virtual environment (.venv-bench, made by `python3 -m venv .venv-bench
 && .venv-bench/bin/pip install torch==2.13.0 mergekit`, torch first so that pip keeps the CPU
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -152,7 +156,10 @@ def main() -> int:
     ap.add_argument("--ks", default="2,4", help="numbers of models merged")
     ap.add_argument("--shards", type=int, default=5, help="shards per input checkpoint")
     ap.add_argument("--out-shard-size", default="1GB", help="output shard size, both tools")
-    ap.add_argument("--workers", default="1,2", help="mera --workers values to run")
+    ap.add_argument("--threads", default="1,2",
+                    help="mera's threads: the cores its process is given (taskset)")
+    ap.add_argument("--workers", type=int, default=1, help="mera --workers")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each figure (median)")
     ap.add_argument("--regimes", default="cold,warm")
     ap.add_argument("--keep", action="store_true", help="keep the data")
     ap.add_argument("--make", nargs=3, metavar=("PATH", "SEED", "SHARDS"), help=argparse.SUPPRESS)
@@ -166,7 +173,10 @@ def main() -> int:
         return 0
 
     ks = [int(k) for k in args.ks.split(",")]
-    workers = [int(w) for w in args.workers.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    if max(threads) > len(os.sched_getaffinity(0)):
+        raise SystemExit(f"--threads {args.threads}: this process may use "
+                         f"{len(os.sched_getaffinity(0))} cores")
     os.makedirs(args.dir, exist_ok=True)
     models = [os.path.join(args.dir, f"model{k}") for k in range(max(ks))]
     t0 = time.perf_counter()
@@ -192,68 +202,94 @@ def main() -> int:
         with open(yaml_path, "w") as f:
             f.write("merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(
                 f"  - model: {d}\n    parameters:\n      weight: 1.0\n" for d in inputs))
-        tools = {f"mera (workers={w})": [
-            args.python, "-m", "mera_ds", "merge", "--strategy", "linear", "--prev", inputs[0],
+        cores = sorted(os.sched_getaffinity(0))
+        tools = {f"mera (threads={t})": [
+            "taskset", "-c", ",".join(map(str, cores[:t])), args.python, "-m", "mera_ds",
+            "merge", "--strategy", "linear", "--prev", inputs[0],
             *sum((["--finetuned", d] for d in inputs[1:]), []), "--shard-size",
-            args.out_shard_size, "--workers", str(w), "--out"] for w in workers}
+            args.out_shard_size, "--workers", str(args.workers), "--out"] for t in threads}
         tools["mergekit"] = [args.mergekit, yaml_path, "--no-copy-tokenizer",
                              "--no-write-model-card", "--out-shard-size", str(out_bytes // 2),
                              "--quiet"]  # mergekit sizes shards in parameters: bf16 is 2 B
         for regime in regimes:
-            if regime == "warm":
-                dd_read(files)
-            else:
-                drop_caches()
-            dd = dd_read(files)
-            outs = {}
-            for tool, cmd in tools.items():
-                out = os.path.join(args.dir, "out-" + re.sub(r"\W+", "-", tool).strip("-"))
-                shutil.rmtree(out, ignore_errors=True)
-                if regime == "cold":
-                    drop_caches()
-                else:
+            runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+            dds = []
+            for _ in range(args.repeats):
+                if regime == "warm":
                     dd_read(files)
-                before = load()
-                log = os.path.join(args.dir, "log.txt")
-                # mergekit takes the output path after the config; mera as --out's value
-                full = cmd[:2] + [out] + cmd[2:] if tool == "mergekit" else cmd + [out]
-                m = run_measured(full, env=env, log_path=log)
-                if m.returncode:
-                    print(open(log).read()[-3000:])
-                    raise SystemExit(f"{tool} failed ({m.returncode})")
-                row = dict(K=k, input_gb=input_gb, regime=regime, dd_mb_s=dd, tool=tool,
-                           load_before=before, **m.__dict__)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                outs[tool] = out
-            mera_out = next(o for t, o in outs.items() if t.startswith("mera"))
+                else:
+                    drop_caches()
+                dds.append(dd_read(files))
+                outs = {tool: run_tool(tool, cmd, files, regime, args.dir, env)
+                        for tool, cmd in tools.items()}
+                for tool, (out, run) in outs.items():
+                    runs[tool].append(run)
+                    print(json.dumps(dict(K=k, regime=regime, dd_mb_s=dds[-1], tool=tool, **run)),
+                          flush=True)
+            mera_out = next(o for t, (o, _) in outs.items() if t.startswith("mera"))
             diff = subprocess.run([args.python, __file__, "--compare", mera_out,
-                                   outs["mergekit"]], check=True, capture_output=True,
+                                   outs["mergekit"][0]], check=True, capture_output=True,
                                   text=True, env=env).stdout
             print(f"# K={k} {regime}: mera vs mergekit output: {diff.strip()}", flush=True)
-            for out in outs.values():
+            for out, _ in outs.values():
                 shutil.rmtree(out, ignore_errors=True)
+            rows += [dict(K=k, input_gb=input_gb, regime=regime, dd_mb_s=statistics.median(dds),
+                          tool=tool, **median_run(r)) for tool, r in runs.items()]
     print_table(rows)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
     return 0
 
 
+def run_tool(tool: str, cmd: list[str], files: list[str], regime: str, root: str,
+             env: dict) -> tuple[str, dict]:
+    """Run one tool on a cold or warm page cache -> (its output directory, its figures)."""
+    out = os.path.join(root, "out-" + re.sub(r"\W+", "-", tool).strip("-"))
+    shutil.rmtree(out, ignore_errors=True)
+    if regime == "cold":
+        drop_caches()
+    else:  # the previous run's output written back now, not during this run
+        subprocess.run(["sync"], check=True)
+        dd_read(files)
+    before = load()
+    log = os.path.join(root, "log.txt")
+    # mergekit takes the output path after the config; mera as --out's value
+    full = cmd[:2] + [out] + cmd[2:] if tool == "mergekit" else cmd + [out]
+    m = run_measured(full, env=env, log_path=log)
+    text = open(log).read()
+    if m.returncode:
+        print(text[-3000:])
+        raise SystemExit(f"{tool} failed ({m.returncode})")
+    own = re.search(r"merged .* in ([\d.]+) s \(", text)  # mera's last line
+    return out, dict(load_before=before, merge_s=float(own.group(1)) if own else None,
+                     **m.__dict__)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The figures of the run of median wall time (memory and merge time from that run)."""
+    return dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2], repeats=len(runs),
+                seconds_all=[round(r["seconds"], 2) for r in runs])
+
+
 def print_table(rows: list[dict]) -> None:
-    print("\n| K | input GB | cache | dd read MB/s | tool | wall s | input MB/s | % of dd | "
-          "peak RSS MB (one process) | peak RSS MB (all processes) | of which anon | "
-          "mergekit / this: time, peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| K | input GB | cache | dd read MB/s | tool | wall s (runs) | input MB/s | % of dd | "
+          "merge s, start-up excluded | input MB/s | % of dd | peak RSS MB (one process) | "
+          "peak RSS MB (all processes) | mergekit / this: time, peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mk = next(x for x in rows if x["K"] == r["K"] and x["regime"] == r["regime"]
                   and x["tool"] == "mergekit")
         rate = r["input_gb"] * 1e3 / r["seconds"]
+        own = "| | " if r["merge_s"] is None else (
+            f"{r['merge_s']:.2f} | {r['input_gb'] * 1e3 / r['merge_s']:.0f} | "
+            f"{100 * r['input_gb'] * 1e3 / r['merge_s'] / r['dd_mb_s']:.0f}")
         ratio = "" if r is mk else (f"{mk['seconds'] / r['seconds']:.2f}x, "
                                     f"{mk['tree_rss_mb'] / r['tree_rss_mb']:.2f}x")
+        runs = ", ".join(f"{x:.1f}" for x in r["seconds_all"])
         print(f"| {r['K']} | {r['input_gb']:.2f} | {r['regime']} | {r['dd_mb_s']:.0f} | "
-              f"{r['tool']} | {r['seconds']:.1f} | {rate:.0f} | {100 * rate / r['dd_mb_s']:.0f} "
-              f"| {r['hwm_mb']:.0f} | {r['tree_rss_mb']:.0f} | {r['tree_anon_mb']:.0f} | "
-              f"{ratio} |")
+              f"{r['tool']} | {r['seconds']:.1f} ({runs}) | {rate:.0f} | "
+              f"{100 * rate / r['dd_mb_s']:.0f} | {own} | {r['hwm_mb']:.0f} | "
+              f"{r['tree_rss_mb']:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,10 @@ class MergeConfig(_Strict):
         "to RUN/base/llm once) with the strategy, instead of theta_{i-1} and theta_ft_i; mera "
         "over them is the same running average; task_arithmetic and dare, which sum the task "
         "vectors, take lam / i, so that lam scales their average")
+    threads: Optional[int] = Field(
+        None, ge=1, description="threads merging (reading, converting, writing) in parallel; "
+        "default: the cores the process may use (os.sched_getaffinity), shared between local "
+        "--workers, 1 per Ray task. The output is the same whatever the number")
 
     _strategy = field_validator("strategy")(classmethod(
         lambda cls, v: _one_of(v, STRATEGIES, "merge strategy")))
@@ -345,7 +349,8 @@ class RunConfig(_Strict):
 
 # Settings that may change between a run and its resume: where it runs, not what it computes.
 NOT_FINGERPRINTED = {"cluster.ray_address", "cluster.placement_strategy", "cluster.schedule",
-                     "cluster.shared_filesystem", "cluster.timeout_s", "cluster.max_failures"}
+                     "cluster.shared_filesystem", "cluster.timeout_s", "cluster.max_failures",
+                     "stages.merge.threads"}
 
 
 def _flat(d: dict, prefix: str = ""):

@@ -24,15 +24,17 @@ def register(sub) -> None:
     p.add_argument("--weights", type=float, nargs="+", metavar="W",
                    help="linear: one weight per model, --prev first then each --finetuned "
                         "(normalised; default equal)")
-    p.add_argument("--lam", type=float, help="task_arithmetic/ties/dare: scale of the deltas "
-                                             "(default 1)")
-    p.add_argument("--density", type=float, help="ties: fraction of each delta kept (default "
-                                                 "0.2)")
+    p.add_argument("--lam", type=float, help="task_arithmetic/ties/dare/pcb: scale of the "
+                                             "deltas (default 1)")
+    p.add_argument("--density", type=float, help="ties/pcb: fraction of each delta kept "
+                                                 "(default 0.2)")
     p.add_argument("--drop-p", type=float, help="dare: drop probability (default 0.9)")
     p.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0)")
     p.add_argument("--shard-size", default="2GB", help="output shard size (default 2GB)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes merging output shards in parallel (default 1)")
+    p.add_argument("--threads", type=int, help="threads merging within each process (default: "
+                                               "the cores it may use, shared by the workers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_run)
 
@@ -46,7 +48,7 @@ def _run(args) -> int:
 
     fields = {"strategy": args.strategy, "weights": args.weights, "lam": args.lam,
               "density": args.density, "drop_p": args.drop_p, "seed": args.seed,
-              "shard_size": args.shard_size}
+              "shard_size": args.shard_size, "threads": args.threads}
     try:
         cfg = MergeConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

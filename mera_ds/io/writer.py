@@ -2,7 +2,9 @@
 
 The shards are planned up front from the tensors' sizes (:func:`plan_shards`), so each shard's
 header is known before its first byte: :class:`ShardFileWriter` writes it and then streams each
-tensor's bytes as they are produced (memory: one tensor, or one piece of one).
+tensor's bytes as they are produced (memory: one tensor, or one piece of one), and
+:class:`ShardPieceWriter` takes the pieces of its tensors from several threads in any order
+(each piece's place in the file is known from the plan).
 :class:`ShardedWriter` writes a whole directory tensor by tensor, with a plan (streaming) or without one (buffering one
 shard, flushed by size). Whoever writes a directory writes `model.safetensors.index.json` last
 (:func:`write_index`): on S3, where nothing can be renamed, a directory without its index is an
@@ -10,7 +12,9 @@ incomplete one. Local directories are committed by rename (:func:`mera_ds.storag
 """
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -110,6 +114,91 @@ class ShardFileWriter:
 
     def abort(self) -> None:
         self._f.close()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class ShardPieceWriter:
+    """Writes one planned shard from several threads: the header at once, then any piece (a
+    flat run of elements) of any of its tensors, each at its place in the file. A local file takes
+    positioned writes (pwrite) in any order; a remote one (S3) is one stream, so a piece waits
+    until every byte before it is written (its writers must take pieces in file order)."""
+
+    def __init__(self, dir_url: str, plan: ShardPlan):
+        self.url = storage.join(dir_url, plan.filename)
+        header = header_bytes(plan.tensors)
+        self._specs = {t.name: t for t in plan.tensors}
+        self._starts, pos = {}, len(header)
+        for spec in plan.tensors:
+            self._starts[spec.name] = pos
+            pos += spec.nbytes
+        self._size, self._written = pos, len(header)
+        self._cond = threading.Condition()
+        self._cancelled = self._closed = False
+        if storage.is_remote(self.url):
+            self._fd, self._f = None, storage.open_url(self.url, "wb")
+            self._f.write(header)
+        else:
+            self._fd = os.open(self.url.removeprefix("file://"),
+                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            _pwrite_all(self._fd, header, 0)
+
+    def write(self, name: str, start: int, data: torch.Tensor) -> bool:
+        """Write `data` as elements [start, start + numel) of tensor `name`; True once every
+        planned byte of the shard is written."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise MeraError(f"{self.url}: got tensor {name}, which the plan puts elsewhere")
+        if data.dtype != spec.torch_dtype:
+            raise MeraError(f"{self.url}: tensor {name} is {data.dtype}, planned "
+                            f"{spec.torch_dtype}")
+        raw = _as_bytes(data)
+        if start < 0 or (start + data.numel()) * spec.itemsize > spec.nbytes:
+            raise MeraError(f"{self.url}: tensor {name}: more than its {spec.nbytes} bytes")
+        pos = self._starts[name] + start * spec.itemsize
+        if self._cancelled:
+            raise MeraError(f"{self.url}: cancelled")
+        if self._fd is not None:
+            _pwrite_all(self._fd, raw, pos)
+        with self._cond:
+            if self._fd is None:
+                self._cond.wait_for(lambda: self._written == pos or self._cancelled)
+                if self._cancelled:
+                    raise MeraError(f"{self.url}: cancelled")
+                self._f.write(raw)
+            self._written += raw.nbytes
+            self._cond.notify_all()
+            return self._written == self._size
+
+    def close(self) -> None:
+        self._close()
+        if self._written != self._size:
+            raise MeraError(f"{self.url}: closed with {self._size - self._written} planned "
+                            f"bytes not written")
+
+    def cancel(self) -> None:
+        """Refuse every piece from now on (a writer waiting for its turn too); the file stays
+        open until `abort`, for threads that may still be writing to it."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        self.cancel()
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._fd is not None:
+            os.close(self._fd)
+        else:
+            self._f.close()
 
 
 def write_index(dir_url: str, weight_map: dict[str, str], total_size: int,

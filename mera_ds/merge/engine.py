@@ -16,16 +16,18 @@ with an untied one is refused (the configs' tie_word_embeddings differ, or lm_he
 missing on one side).
 
 Memory: elementwise strategies (all but ties) read pieces of READ elements and merge them in
-blocks of BLOCK, so a worker holds two pieces of each input (one read ahead while the other is
-merged) and two of the output: 2 x (K + 2) x READ x itemsize, whatever the size of the model, of
-its tensors or of the output shards (planned up front and streamed to disk, mera_ds.io.writer).
-ties needs whole tensors (its top-k is over a whole delta): about (K + 3) x the largest tensor in
-fp32 on top of that.
+blocks of BLOCK, so each worker thread holds one piece of each input and one of the output:
+threads x (K + 1) x READ x itemsize, whatever the size of the model, of its tensors or of the
+output shards (planned up front, each piece written at its place, mera_ds.io.writer). ties needs
+whole tensors (its top-k is over a whole delta): about (K + 3) x the largest tensor in fp32 per
+thread on top of that.
 
-Fan-out: the output shards are the units of work. Standalone they run inline (workers=1) or in a
-local process pool; in a Ray run the merge actor (mera_ds.cluster.merge_actor) hands groups of
-them to Ray tasks through `map_jobs`. A shard is computed the same way wherever it runs, so the
-result is identical, bit for bit.
+Parallelism: within a job, `threads` workers (MergeConfig.threads; default the cores this process
+may use) take pieces in file order, each reading, merging and writing its own. Across jobs, the
+output shards are the units of work: standalone they run inline (workers=1) or in a local process
+pool; in a Ray run the merge actor (mera_ds.cluster.merge_actor) hands groups of them to Ray tasks
+through `map_jobs`. A piece is computed the same way wherever and by whichever thread it runs, so
+the result is identical, bit for bit.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -45,7 +49,7 @@ from mera_ds.config import MergeConfig, parse_size
 from mera_ds.errors import MeraError
 from mera_ds.io.format import CONFIG_FILE, TensorSpec
 from mera_ds.io.reader import Checkpoint
-from mera_ds.io.writer import (ShardFileWriter, ShardPlan, copy_aux_files, index_of, plan_shards,
+from mera_ds.io.writer import (ShardPieceWriter, ShardPlan, copy_aux_files, index_of, plan_shards,
                                write_index)
 from mera_ds.merge.strategies import BLOCK, Strategy, make_strategy
 
@@ -53,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Elements of one tensor read from each input at once (a multiple of BLOCK): 4 MB of bf16.
 READ = 32 * BLOCK
+# Pieces the kernel is asked to read ahead of the one being merged (posix_fadvise WILLNEED): with
+# a cold page cache the disk then works while the workers compute, even with one thread.
+AHEAD = 8
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -66,6 +73,7 @@ class MergeJob:
     strategy: Strategy
     out_dir: str
     shards: list[ShardPlan]
+    threads: int = 1  # worker threads merging its pieces
 
     @property
     def nbytes(self) -> int:
@@ -83,8 +91,9 @@ class MergePlan:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def jobs(self, out_dir: str, groups: Optional[int] = None) -> list[MergeJob]:
-        """The shards in `groups` groups of about equal bytes (one shard each by default)."""
+    def jobs(self, out_dir: str, groups: Optional[int] = None, threads: int = 1) -> list[MergeJob]:
+        """The shards in `groups` groups of about equal bytes (one shard each by default), each
+        merged by `threads` threads."""
         groups = len(self.shards) if groups is None else max(1, min(groups, len(self.shards)))
         bins: list[list[ShardPlan]] = [[] for _ in range(groups)]
         sizes = [0] * groups
@@ -92,7 +101,8 @@ class MergePlan:
             i = sizes.index(min(sizes))
             bins[i].append(shard)
             sizes[i] += shard.nbytes
-        return [MergeJob(self.prev, self.finetuned, self.strategy, out_dir, b) for b in bins if b]
+        return [MergeJob(self.prev, self.finetuned, self.strategy, out_dir, b, threads)
+                for b in bins if b]
 
 
 def _tied(config: Optional[dict]) -> Optional[bool]:
@@ -159,41 +169,139 @@ def _pieces(spec: TensorSpec, elementwise: bool) -> list[tuple[int, int]]:
 
 
 class _Buffers:
-    """Memory reused from piece to piece: reads, fp32 scratch blocks and outputs. New memory costs
-    a page fault per 4 KB on first touch, which would cost more than the merge itself."""
+    """One worker's memory, reused from piece to piece: a read buffer per input, an output buffer
+    and fp32 scratch blocks. New memory costs a page fault per 4 KB on first touch, which would
+    cost more than the merge itself; and the buffers are cut into BLOCK views once per dtype, so
+    merging a block makes no new tensor objects (no work for Python's garbage collector)."""
 
     def __init__(self, n_inputs: int, itemsize: int):
-        self.read = [[torch.empty(READ * itemsize, dtype=torch.uint8) for _ in range(n_inputs)]
-                     for _ in range(2)]
-        self.out = [torch.empty(READ * itemsize, dtype=torch.uint8) for _ in range(2)]
+        self.read = [torch.empty(READ * itemsize, dtype=torch.uint8) for _ in range(n_inputs)]
+        self.out = torch.empty(READ * itemsize, dtype=torch.uint8)
         self.scratch = [torch.empty(BLOCK) for _ in range(n_inputs)]
+        self._blocks: dict[torch.dtype, tuple] = {}
+
+    def blocks(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]],
+                                                  tuple[torch.Tensor, ...]]:
+        """The read buffers' and the output buffer's BLOCK-element views as `dtype`."""
+        if dtype not in self._blocks:
+            self._blocks[dtype] = ([b.view(dtype).split(BLOCK) for b in self.read],
+                                   self.out.view(dtype).split(BLOCK))
+        return self._blocks[dtype]
+
+
+def _read_piece(inputs: list[Checkpoint], spec: TensorSpec, start: int, count: int,
+                bufs: _Buffers, elementwise: bool) -> list[torch.Tensor]:
+    """The piece of every input (theta_{i-1}'s alone for an integer tensor), flat, in its stored
+    dtype: in the worker's buffers, or fresh whole tensors for a strategy that needs them."""
+    if not spec.is_float:
+        return [inputs[0].read(spec.name, start, count, bufs.read[0])]
+    if not elementwise:
+        return [ckpt.read(spec.name, start, count) for ckpt in inputs]
+    return [ckpt.read(spec.name, start, count, buf) for ckpt, buf in zip(inputs, bufs.read)]
 
 
 def _merge_piece(strategy: Strategy, spec: TensorSpec, start: int, raw: list[torch.Tensor],
-                 bufs: _Buffers, out_buf: Optional[torch.Tensor]) -> torch.Tensor:
-    """Merge one piece (flat, stored dtype) of every input -> the piece of the output."""
-    if out_buf is None:  # a whole tensor, freshly read (not elementwise): no reuse possible
+                 bufs: _Buffers) -> torch.Tensor:
+    """Merge one piece of every input (as `_read_piece` gives it) -> the piece of the output."""
+    if not spec.is_float:
+        return raw[0]  # an integer buffer: theta_{i-1}'s, untouched
+    if not strategy.elementwise:
         fp32 = [t.float() for t in raw]
         return strategy.merge(spec.name, 0, fp32[0], fp32[1:]).to(spec.torch_dtype)
     count = raw[0].numel()
-    out = out_buf[:count * spec.itemsize].view(spec.torch_dtype)
-    if not spec.is_float:
-        return out.copy_(raw[0])  # an integer buffer: theta_{i-1}'s, untouched
-    for s in range(0, count, BLOCK):
-        n = min(BLOCK, count - s)
-        fp32 = [scratch[:n].copy_(t.narrow(0, s, n)) for scratch, t in zip(bufs.scratch, raw)]
-        out.narrow(0, s, n).copy_(
-            strategy.merge(spec.name, (start + s) // BLOCK, fp32[0], fp32[1:]))
-    return out
+    ins, outs = bufs.blocks(spec.torch_dtype)
+    for j in range(-(-count // BLOCK)):
+        n = min(BLOCK, count - j * BLOCK)
+        fp32 = [scratch.copy_(b[j]) if n == BLOCK else scratch[:n].copy_(b[j][:n])
+                for scratch, b in zip(bufs.scratch, ins)]
+        merged = strategy.merge(spec.name, start // BLOCK + j, fp32[0], fp32[1:])
+        (outs[j] if n == BLOCK else outs[j][:n]).copy_(merged)
+    return bufs.out.view(spec.torch_dtype)[:count]
+
+
+class _Claims:
+    """Hands out the pieces of a job in file order, one at a time to whichever worker asks, and
+    asks the kernel to read AHEAD pieces beyond the last one handed out."""
+
+    def __init__(self, work: list, inputs: list[Checkpoint]):
+        self._work, self._inputs = work, inputs
+        self._next, self._stopped = 0, False
+        self._lock = threading.Lock()
+        for n in range(min(AHEAD, len(work))):
+            self._prefetch(n)
+
+    def __call__(self) -> Optional[int]:
+        with self._lock:
+            if self._stopped or self._next == len(self._work):
+                return None
+            n, self._next = self._next, self._next + 1
+        if n + AHEAD < len(self._work):
+            self._prefetch(n + AHEAD)
+        return n
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def _prefetch(self, n: int) -> None:
+        _, spec, start, count = self._work[n]
+        for ckpt in self._inputs if spec.is_float else self._inputs[:1]:
+            ckpt.prefetch(spec.name, start, count)
+
+
+class _Outputs:
+    """The job's output shards, each opened at its first piece and closed at its last."""
+
+    def __init__(self, out_dir: str):
+        self._dir = out_dir
+        self._open: dict[str, ShardPieceWriter] = {}
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def write(self, shard: ShardPlan, name: str, start: int, data: torch.Tensor) -> None:
+        with self._lock:
+            if self._cancelled:
+                raise MeraError(f"{self._dir}: merge cancelled")
+            writer = self._open.get(shard.filename)
+            if writer is None:
+                writer = self._open[shard.filename] = ShardPieceWriter(self._dir, shard)
+        if writer.write(name, start, data):
+            with self._lock:
+                del self._open[shard.filename]
+            writer.close()
+
+    def close(self) -> None:
+        """Every shard is complete by now: one still open is missing pieces (close says which)."""
+        with self._lock:
+            writers, self._open = list(self._open.values()), {}
+        for writer in writers:
+            writer.close()
+
+    def cancel(self) -> None:
+        """Refuse every piece from now on, and wake the workers waiting for their turn on a
+        remote stream; files stay open until the workers are done (a closed descriptor's number
+        could be reused by another file while a worker still writes to it)."""
+        with self._lock:
+            self._cancelled = True
+            for writer in self._open.values():
+                writer.cancel()
+
+    def abort(self) -> None:
+        with self._lock:
+            writers, self._open = list(self._open.values()), {}
+        for writer in writers:
+            writer.abort()
 
 
 def merge_shards(job: MergeJob, progress: Optional[Callable[[int], None]] = None) -> list[str]:
     """Compute and write the shards of `job`; returns their file names.
 
-    Three things overlap: a thread reads the next piece of every input, this thread merges the
-    current one, and a thread writes the previous result. Memory: two pieces of each input and
-    two output pieces (whole tensors for a strategy that is not elementwise), whatever the size
-    of the model.
+    `job.threads` workers each take the next piece (in file order), read it from every input,
+    merge it and write it at its place in its output shard, so reading, converting, merging and
+    writing all run on every core; the kernel reads the inputs AHEAD pieces in advance, so the
+    disk works while the workers compute, whatever their number. Each piece is computed the same
+    way by whichever worker takes it: the output does not depend on the number of threads.
+    Memory: threads x (K + 1) pieces (whole tensors for a strategy that is not elementwise).
     """
     with _single_threaded_torch():
         return _merge_shards(job, progress)
@@ -202,8 +310,8 @@ def merge_shards(job: MergeJob, progress: Optional[Callable[[int], None]] = None
 @contextlib.contextmanager
 def _single_threaded_torch() -> Iterator[None]:
     """Ops on BLOCK elements gain nothing from intra-op threads, and their wake-ups compete with
-    the reader and writer threads (measured: 15x slower with 2 threads on 2 cores). Parallelism
-    comes from running several jobs at once instead."""
+    the workers (measured: 15x slower with 2 intra-op threads on 2 cores). Parallelism comes
+    from the workers instead, each on whole pieces. (Threads started later inherit the setting.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -213,58 +321,40 @@ def _single_threaded_torch() -> Iterator[None]:
 
 
 def _merge_shards(job: MergeJob, progress: Optional[Callable[[int], None]]) -> list[str]:
-    strategy = job.strategy
     inputs = [job.prev, *job.finetuned]
-    specs = [spec for shard in job.shards for spec in shard.tensors]
-    bufs = _Buffers(len(inputs), max((s.itemsize for s in specs), default=1))
-    whole = not strategy.elementwise
-
-    def read(n: int, spec: TensorSpec, start: int, count: int) -> list[torch.Tensor]:
-        sources = inputs if spec.is_float else inputs[:1]
-        if whole and spec.is_float:
-            return [ckpt.read(spec.name, start, count) for ckpt in sources]
-        return [ckpt.read(spec.name, start, count, buf)
-                for ckpt, buf in zip(sources, bufs.read[n % 2])]
-
+    elementwise = job.strategy.elementwise
     work = [(shard, spec, start, count) for shard in job.shards for spec in shard.tensors
-            for start, count in _pieces(spec, strategy.elementwise)]
-    writers: dict[int, ShardFileWriter] = {}
+            for start, count in _pieces(spec, elementwise)]
+    itemsize = max((s.itemsize for _, s, _, _ in work), default=1)
+    claim, outputs, lock = _Claims(work, inputs), _Outputs(job.out_dir), threading.Lock()
 
-    def write(shard: ShardPlan, name: str, data: torch.Tensor, last: bool) -> None:
-        writer = writers.get(id(shard))
-        if writer is None:
-            writer = writers[id(shard)] = ShardFileWriter(job.out_dir, shard)
-        writer.write(name, data)
-        if last:
-            writers.pop(id(shard)).close()
-
-    # Buffer sets alternate: piece n is read into set n % 2 while piece n - 1 (set (n - 1) % 2) is
-    # merged, and merged into output n % 2 while output n - 1 is being written.
-    with cf.ThreadPoolExecutor(1) as reader, cf.ThreadPoolExecutor(1) as writer_thread:
-        ahead = reader.submit(read, 0, *work[0][1:]) if work else None
-        written = None
-        try:
-            for n, (shard, spec, start, count) in enumerate(work):
-                raw = ahead.result()
-                if n + 1 < len(work):
-                    ahead = reader.submit(read, n + 1, *work[n + 1][1:])
-                out_buf = None if whole and spec.is_float else bufs.out[n % 2]
-                out = _merge_piece(strategy, spec, start, raw, bufs, out_buf)
-                del raw
-                if written is not None:
-                    written.result()
-                last = n + 1 == len(work) or work[n + 1][0] is not shard
-                written = writer_thread.submit(write, shard, spec.name, out, last)
-                if progress is not None:
+    def worker() -> None:
+        bufs = _Buffers(len(inputs), itemsize)
+        while (n := claim()) is not None:
+            shard, spec, start, count = work[n]
+            raw = _read_piece(inputs, spec, start, count, bufs, elementwise)
+            outputs.write(shard, spec.name, start, _merge_piece(job.strategy, spec, start, raw,
+                                                                  bufs))
+            if progress is not None:
+                with lock:  # tqdm's counter is not thread-safe
                     progress(count * spec.itemsize)
-            if written is not None:
-                written.result()
-        finally:
-            cf.wait([f for f in (ahead, written) if f is not None])
-            for writer in writers.values():
-                writer.abort()
-            for ckpt in inputs:
-                ckpt.close()
+
+    threads = max(1, job.threads)
+    try:
+        with cf.ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
+            futures = [pool.submit(worker) for _ in range(threads)]
+            try:
+                for fut in cf.as_completed(futures):
+                    fut.result()
+            except BaseException:  # the other workers stop after their piece
+                claim.stop()
+                outputs.cancel()
+                raise
+        outputs.close()
+    finally:  # the workers are done: their files can be closed
+        outputs.abort()
+        for ckpt in inputs:
+            ckpt.close()
     return [shard.filename for shard in job.shards]
 
 
@@ -302,6 +392,16 @@ class MergeReport:
         return self.bytes_read / max(self.seconds, 1e-9) / 1e6
 
 
+def _threads(cfg: MergeConfig, workers: int, fanned_out: bool) -> int:
+    """Threads per job: as configured, else this process's cores shared between `workers`
+    local processes, or 1 for jobs that `map_jobs` sends elsewhere."""
+    if cfg.threads is not None:
+        return cfg.threads
+    if fanned_out:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+
+
 def merge_llm(prev: str, finetuned: Sequence[str], out: str, cfg: MergeConfig,
               step: Optional[int] = None, workers: int = 1, overwrite: bool = False,
               map_jobs: Optional[Callable[[list[MergeJob]], Iterable[MergeJob]]] = None,
@@ -312,7 +412,9 @@ def merge_llm(prev: str, finetuned: Sequence[str], out: str, cfg: MergeConfig,
 
     Work runs inline (workers=1), in a local process pool (workers > 1), or through `map_jobs`:
     a function that runs a list of jobs anywhere and yields each as it finishes (the Ray merge
-    actor's). `groups`: how many jobs the shards are grouped into (default one per shard).
+    actor's). `groups`: how many jobs the shards are grouped into (default one per shard). Each
+    job runs `cfg.threads` threads; by default the cores this process may use, shared between
+    the pool's workers, and 1 per job of `map_jobs` (a Ray task holds one CPU).
     """
     t0 = time.perf_counter()
     plan = plan_merge(prev, finetuned, cfg, step)
@@ -321,18 +423,19 @@ def merge_llm(prev: str, finetuned: Sequence[str], out: str, cfg: MergeConfig,
     with storage.committed_dir(out, overwrite=overwrite) as tmp, \
             tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"merge {cfg.strategy}",
                  mininterval=2.0) as bar:
+        threads = _threads(cfg, workers, map_jobs is not None)
         if map_jobs is None and workers <= 1:
-            for job in plan.jobs(tmp, 1):
+            for job in plan.jobs(tmp, 1, threads):
                 merge_shards(job, progress=bar.update)
         else:
             run = map_jobs or _process_pool_map(workers)
-            for job in run(plan.jobs(tmp, groups)):
+            for job in run(plan.jobs(tmp, groups, threads)):
                 bar.update(job.nbytes)
         copy_aux_files(prev, tmp)
         weight_map, total = index_of(plan.shards)
         write_index(tmp, weight_map, total, metadata={"merge": {
             "strategy": cfg.strategy, "step": step, "prev": prev, "finetuned": list(finetuned),
-            **cfg.model_dump(exclude={"strategy", "shard_size"})}})
+            **cfg.model_dump(exclude={"strategy", "shard_size", "threads"})}})
     report = MergeReport(out, cfg.strategy, step, len(plan.shards), len(plan.prev), plan.nbytes,
                          plan.nbytes * (1 + len(finetuned)), time.perf_counter() - t0)
     log.info("merged %.2f GB in %.1f s (%.0f MB/s of input read) -> %s", plan.nbytes / 1e9,
