@@ -8,7 +8,8 @@ the ratio:
     deepspeed --num_gpus 1 bench/finetune_bench.py --mode mera --out /tmp/ftb
     deepspeed --num_gpus 1 bench/finetune_bench.py --mode hf   --out /tmp/ftb
 
-`--size tiny` with DS_ACCELERATOR=cpu checks the script on a CPU in a minute.
+`--size tiny` with DS_ACCELERATOR=cpu checks the script on a CPU in a minute. mera's modes also
+print the loader's share of step time (the steps' wait for their batches, `data_wait_s`).
 
 Samples: a precomputed-feature modality (no encoder: the LLM step is what is measured) with
 instructions whose lengths follow a log-normal law around 600 tokens, cut at the sequence length,
@@ -71,9 +72,18 @@ def make_shards(out: str, n: int, seq_len: int, seed: int) -> str:
 
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     pattern = write_shards(samples(), prefix, samples_per_shard=500)
-    with open(pattern_file, "w") as f:
+    with open(pattern_file + ".tmp", "w") as f:
         f.write(pattern)
+    os.replace(pattern_file + ".tmp", pattern_file)  # other ranks wait for it whole
     return pattern
+
+
+def wait_for_shards(out: str) -> str:
+    """The pattern rank 0 wrote the shards under (other ranks start before it is done)."""
+    pattern_file = os.path.join(out, "shards", "pattern.txt")
+    while not os.path.exists(pattern_file):
+        time.sleep(0.5)
+    return open(pattern_file).read()
 
 
 def run_config(args, pattern: str, mode: str):
@@ -145,7 +155,10 @@ def bench_mera(cfg, realign: str | None = None) -> dict:
         spec = dataclasses.replace(spec, phase="realign", train_llm=False, settings=settings,
                                    lr_connector=cfg.stages.realign.lr)
     m = run_job(cfg, spec)
-    return {"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}
+    # The loader's share of step time: how long the steps waited in next() for their batches.
+    return {"tokens_per_s": m["tokens_per_s"], "loss": m["loss"],
+            "data_wait_s": m["data_wait_s"], "loop_s": m["loop_s"],
+            "data_wait_share": m["data_wait_s"] / m["loop_s"]}
 
 
 def bench_hf(cfg) -> dict:
@@ -233,7 +246,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if int(os.environ.get("RANK", "0")) == 0:
         make_shards(args.out, args.samples, args.seq_len, seed=0)
-    pattern = open(os.path.join(args.out, "shards", "pattern.txt")).read()
+    pattern = wait_for_shards(args.out)
     cfg = run_config(args, pattern, args.mode)
     result = (bench_hf(cfg) if args.mode == "hf" else
               bench_mera(cfg, args.realign_mode if args.mode == "realign" else None))
@@ -253,6 +266,10 @@ def main() -> None:
                   model_flops_per_token=fpt,
                   mfu=result["tokens_per_s"] * fpt / peak if peak else None)
     if int(os.environ.get("RANK", "0")) == 0:
+        if "data_wait_share" in result:
+            print(f"loader share of step time: {100 * result['data_wait_share']:.1f}% "
+                  f"({result['data_wait_s']:.2f} s of {result['loop_s']:.1f} s waiting for "
+                  "batches)")
         print("RESULT " + json.dumps(result))
         with open(os.path.join(args.out, f"result-{args.mode}{args.tag}.json"), "w") as f:
             json.dump(result, f, indent=2)

@@ -271,6 +271,9 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
     metrics = {"phase": spec.phase, "modality": spec.modality, "steps": s.steps,
                "resumed_at": start}
     window, batches, step = _Window(), iter(loader), start
+    # How long steps wait for their batches (the loader runs in this process unless
+    # data.loader_workers): the loader's share of the loop's time, for the finetune benchmark.
+    data_wait, loop_start = 0.0, time.perf_counter()
     engine.train()
     if report:
         report(start, s.steps, None, None)
@@ -278,11 +281,13 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
         for g in engine.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, s)
         for _ in range(accum):
+            waited = time.perf_counter()
             try:
                 batch = to_device(next(batches), device)
             except StopIteration:
                 raise MeraError(f"{spec.name}: the data ran out at step {step} "
                                 f"({spec.data})") from None
+            data_wait += time.perf_counter() - waited
             loss = engine(batch).loss
             engine.backward(loss)
             engine.step()
@@ -304,6 +309,7 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
             checkpointer.save(engine, step, {"step": step, **{k: v for k, v in metrics.items()
                                                              if isinstance(v, (int, float))}})
     board.close()
+    metrics.update(data_wait_s=data_wait, loop_s=time.perf_counter() - loop_start)
     return metrics
 
 
