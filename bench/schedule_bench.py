@@ -10,7 +10,7 @@ loopback): the wall time of each, and when each step ran (from the run's manifes
 of launch/configs/paper_8b.yaml on 2 nodes x 8 GPUs, each step's cost built from figures measured
 elsewhere in BENCHMARKS.md (printed with the result, to be replaced by a cluster's own).
 
-    python -m bench.schedule_bench simulate [--realign-workers 8]
+    python -m bench.schedule_bench simulate [--workers 8] [--realign-workers 8]
 """
 from __future__ import annotations
 
@@ -100,17 +100,17 @@ H100_TOKENS_S_1B = 15_036      # finetune, 1.10 B LLM, ZeRO-3 bf16, one H100 (Fi
 PARAMS_1B, PARAMS_8B = 1.10e9, 8.03e9
 TOKENS_PER_SAMPLE = 779        # the finetune benchmark's mean sample
 REALIGN_STEP = 0.81            # of a finetune step, ZeRO-3 on the H100 (Realign section)
-MERGE_GB_S = 0.5               # merge throughput, GB of input read per second (Merge section)
+MERGE_GB_S = 1.0               # GB of input read per second: K = 2, cold, 1 thread (Merge section)
 EVAL_S = 600.0                 # evaluating the learned modalities on one GPU: an assumption
 REPLAY_S = 120.0               # drawing 10% of a modality's shards: an assumption
 
 
-def costs(cfg, realign_workers: int) -> tuple[dict, dict]:
+def costs(cfg, workers: int, realign_workers: int) -> tuple[dict, dict]:
     """({phase: seconds}, {phase: GPUs}) of paper_8b's steps on H100s: a training step's tokens
     over the measured 1.1 B throughput scaled by parameters (6N FLOPs per token), times the
     workers (linear scaling: optimistic)."""
     per_gpu = H100_TOKENS_S_1B * PARAMS_1B / PARAMS_8B
-    st, workers = cfg.stages, cfg.cluster.num_workers
+    st = cfg.stages
 
     def train(s, factor: float, gpus: int) -> float:
         return s.steps * s.batch_size * TOKENS_PER_SAMPLE / (per_gpu * gpus) * factor
@@ -134,7 +134,7 @@ def simulate_8b(args) -> dict:
     cfg = load_config(os.path.join(ROOT, "launch/configs/paper_8b.yaml"))
     cfg = cfg.model_copy(update={"run_dir": "/tmp/mera-simulated"})
     steps = plan(cfg, Method.of(cfg), RunLayout.of(cfg))
-    seconds, gpus = costs(cfg, args.realign_workers)
+    seconds, gpus = costs(cfg, args.workers or cfg.cluster.num_workers, args.realign_workers)
     result = {"gpus": args.gpus, "seconds": seconds, "step_gpus": gpus}
     print(f"model: {len(steps)} steps of paper_8b.yaml on {args.gpus} GPUs; per step (s, GPUs):")
     for phase in seconds:
@@ -157,6 +157,8 @@ def main(argv=None) -> None:
     r.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     s = sub.add_parser("simulate", help="the model of paper_8b on 2 x 8 GPUs")
     s.add_argument("--gpus", type=int, default=16)
+    s.add_argument("--workers", type=int, help="GPUs of align and finetune (default: the "
+                   "config's cluster.num_workers, 8)")
     s.add_argument("--realign-workers", type=int, default=8)
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
