@@ -77,6 +77,7 @@ def mera(*args, timeout=900):
 
 
 @pytest.mark.timeout(1200)
+@pytest.mark.slow  # about 3.5 minutes: `make test-slow`, CI's 30 minutes being spent elsewhere
 def test_bring_your_own_data_to_an_answer(tmp_path):
     media, shards = str(tmp_path / "media"), tmp_path / "shards"
     patterns = {}

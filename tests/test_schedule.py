@@ -67,6 +67,10 @@ class FakeCluster:
         self.seconds, self.fail = seconds, set(fail)
         self.spans: dict[str, tuple[float, float]] = {}
         self.lock = threading.Lock()
+        self.prepared_in = None
+
+    def prepare(self, cfg):
+        self.prepared_in = (threading.current_thread(), len(self.spans))
 
     def __call__(self, cfg, step):
         t0 = time.monotonic()
@@ -98,6 +102,9 @@ def test_steps_overlap_the_next_finetune_and_wait_for_their_inputs(steps):
     wall = time.monotonic() - t0
     assert set(manifest.steps) == {s.name for s in steps}
     assert_in_dependency_order(cluster, steps)
+    # Prepared (Ray connected) before any step, in the calling thread: a local Ray instance's
+    # processes die with the thread that started them.
+    assert cluster.prepared_in == (threading.main_thread(), 0)
     # Stage 1's realign and evaluate ran while stage 2's finetune did.
     ft2 = cluster.spans["02-video/finetune"]
     for name in ("01-image/realign", "01-image/evaluate"):

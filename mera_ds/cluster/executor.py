@@ -39,7 +39,7 @@ class RayExecutor:
     def __call__(self, cfg: RunConfig, step: Step):
         from mera_ds.cluster.connect import relaying
 
-        self._connect(cfg)
+        self.prepare(cfg)
         logs = RunLayout.of(cfg) if self.relay else None
         try:
             with relaying(self.relay, console.deliver) if self.relay else contextlib.nullcontext():
@@ -51,7 +51,10 @@ class RayExecutor:
             see = f" (see {logs.step_log(step.name, rank)})" if logs else ""
             raise MeraError(f"{step.name} failed on the cluster: {_last_line(e)}{see}") from e
 
-    def _connect(self, cfg: RunConfig) -> None:
+    def prepare(self, cfg: RunConfig) -> None:
+        """Connect (once). Called from the thread that outlives the steps: a local Ray instance's
+        processes are started with a parent-death signal, which Linux sends when the *thread*
+        that started them ends (a step's thread would take Ray down with it)."""
         import ray
 
         from mera_ds.cluster.connect import connect, start_relay

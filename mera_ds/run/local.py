@@ -31,7 +31,8 @@ def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Exe
     """Run the steps through `executor`, skipping those the manifest records; their results are
     in manifest.steps. Each ends in one line on the console (run.console). In the plan's order,
     one at a time; or (`concurrent`, an executor that may be called from several threads at
-    once) each as soon as the steps it depends on are done (run.schedule). Once a step fails no
+    once) each as soon as the steps it depends on are done (run.schedule), each in a thread of
+    its own, the executor's `prepare(cfg)` (if it has one) called first in this thread. Once a step fails no
     other starts; those running finish (and are recorded, for --resume) before its error is
     raised."""
     console.open_log(RunLayout.of(cfg).driver_log)
@@ -48,6 +49,8 @@ def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Exe
         return
     from mera_ds.run.schedule import Schedule
 
+    if todo and hasattr(executor, "prepare"):
+        executor.prepare(cfg)  # in this thread, before the steps' threads (RayExecutor.prepare)
     schedule = Schedule(steps, manifest.steps)
     ended: queue.SimpleQueue = queue.SimpleQueue()
     running: set[str] = set()
