@@ -61,13 +61,17 @@ test-all: setup system-deps
 MCL_ORDERS ?= image,video,audio,depth video,audio,depth,image depth,audio,video,image
 MCL_SEEDS  ?= 0 1 2
 MCL_JOBS   ?= 2
+# e.g. MCL_METHODS=mera-10,mera-avg,mera-ties,mera-dare,mera-pcb,replay-10 MCL_OUT=runs/mcl15
+MCL_METHODS ?=
+MCL_OUT    ?= runs/mcl
 bench-mcl: setup shards
-	mkdir -p runs/mcl
+	mkdir -p $(MCL_OUT)
 	printf '%s\n' $(foreach o,$(MCL_ORDERS),$(foreach s,$(MCL_SEEDS),"$(o) $(s)")) | \
 	  OMP_NUM_THREADS=1 xargs -P $(MCL_JOBS) -L 1 sh -c \
-	  '$(VENV)/bin/mera bench mcl --order $$0 --seed $$1 --resume > runs/mcl/$$0-s$$1.log 2>&1 \
-	   || { echo "failed: see runs/mcl/$$0-s$$1.log"; exit 255; }'
-	$(VENV)/bin/mera bench mcl-summary runs/mcl/*/mcl.json
+	  '$(VENV)/bin/mera bench mcl --order $$0 --seed $$1 --resume --out $(MCL_OUT)/$$0-s$$1 \
+	   $(if $(MCL_METHODS),--methods $(MCL_METHODS)) > $(MCL_OUT)/$$0-s$$1.log 2>&1 \
+	   || { echo "failed: see $(MCL_OUT)/$$0-s$$1.log"; exit 255; }'
+	$(VENV)/bin/mera bench mcl-summary $(MCL_OUT)/*/mcl.json
 
 # Container images (docker/README.md): the CPU image, built with podman on a Debian base made by
 # mmdebstrap (cached in ~/.cache/mera-ds-image); test-image also runs the embedded default cut to
