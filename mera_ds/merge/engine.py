@@ -272,9 +272,7 @@ class _Outputs:
 
     def close(self) -> None:
         """Every shard is complete by now: one still open is missing pieces (close says which)."""
-        with self._lock:
-            writers, self._open = list(self._open.values()), {}
-        for writer in writers:
+        for writer in self._take():
             writer.close()
 
     def cancel(self) -> None:
@@ -287,10 +285,14 @@ class _Outputs:
                 writer.cancel()
 
     def abort(self) -> None:
+        for writer in self._take():
+            writer.abort()
+
+    def _take(self) -> list[ShardPieceWriter]:
+        """The open writers, no longer held here."""
         with self._lock:
             writers, self._open = list(self._open.values()), {}
-        for writer in writers:
-            writer.abort()
+        return writers
 
 
 def merge_shards(job: MergeJob, progress: Optional[Callable[[int], None]] = None) -> list[str]:

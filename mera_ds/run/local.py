@@ -32,9 +32,9 @@ def execute(cfg: RunConfig, steps: list[Step], manifest: Manifest, executor: Exe
     in manifest.steps. Each ends in one line on the console (run.console). In the plan's order,
     one at a time; or (`concurrent`, an executor that may be called from several threads at
     once) each as soon as the steps it depends on are done (run.schedule), each in a thread of
-    its own, the executor's `prepare(cfg)` (if it has one) called first in this thread. Once a step fails no
-    other starts; those running finish (and are recorded, for --resume) before its error is
-    raised."""
+    its own, the executor's `prepare(cfg)` (if it has one) called first in this thread. Once a
+    step fails no other starts; those running finish (and are recorded, for --resume) before
+    its error is raised."""
     console.open_log(RunLayout.of(cfg).driver_log)
     todo = []
     for step in steps:

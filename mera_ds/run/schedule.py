@@ -26,9 +26,9 @@ def dependencies(steps: list[Step]) -> dict[str, set[str]]:
     return {s.name: {writer[url] for url in s.inputs if url in writer} for s in steps}
 
 
-def waiting_on(steps: list[Step]) -> dict[str, int]:
-    """{step: how many steps wait on it, directly or through others}."""
-    deps = dependencies(steps)
+def waiting_on(steps: list[Step], deps: dict[str, set[str]]) -> dict[str, int]:
+    """{step: how many steps wait on it, directly or through others}, given their
+    dependencies."""
     after: dict[str, set[str]] = {s.name: set() for s in steps}
     for s in reversed(steps):  # a step's dependents come after it in the plan
         for d in deps[s.name]:
@@ -43,7 +43,7 @@ class Schedule:
     def __init__(self, steps: list[Step], done: Iterable[str] = ()):
         self.deps = dependencies(steps)
         self.done = set(done)
-        waiting, order = waiting_on(steps), {s.name: i for i, s in enumerate(steps)}
+        waiting, order = waiting_on(steps, self.deps), {s.name: i for i, s in enumerate(steps)}
         self.rank = {s.name: (-waiting[s.name], order[s.name]) for s in steps}
         self.pending = [s for s in steps if s.name not in self.done]
 
