@@ -187,6 +187,12 @@ class MergeConfig(_Strict):
         "to RUN/base/llm once) with the strategy, instead of theta_{i-1} and theta_ft_i; mera "
         "over them is the same running average; task_arithmetic and dare, which sum the task "
         "vectors, take lam / i, so that lam scales their average")
+    ada_lr: float = Field(
+        1e-2, gt=0, description="ada: learning rate of the merge coefficients, which the realign "
+        "fits on the replay mix with the connectors (its optimizer and schedule)")
+    coefficients: Optional[str] = Field(
+        None, description="ada: JSON file {tensor: [lambda_1, .., lambda_i]} of the coefficients "
+        "(`mera merge`; in a run, the realign writes it and the plan passes it on)")
     threads: Optional[int] = Field(
         None, ge=1, description="threads merging (reading, converting, writing) in parallel; "
         "default: the cores the process may use (os.sched_getaffinity), shared between local "
@@ -305,6 +311,16 @@ class RunConfig(_Strict):
                 raise ValueError(f"modality {m.name!r} appears twice")
             seen.add(m.name)
         return v
+
+    @model_validator(mode="after")
+    def _learned_merge(self):
+        mg = self.stages.merge
+        if STRATEGIES[mg.strategy].learned and not (mg.across_stages and
+                                                     self.stages.realign.enabled):
+            raise ValueError(f"stages.merge.strategy {mg.strategy}: its coefficients are fitted "
+                             f"by the realign over every stage's task vector: set stages.merge."
+                             f"across_stages and stages.realign.enabled")
+        return self
 
     @model_validator(mode="after")
     def _batches(self):

@@ -30,6 +30,9 @@ def register(sub) -> None:
                                                  "(default 0.2)")
     p.add_argument("--drop-p", type=float, help="dare: drop probability (default 0.9)")
     p.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0)")
+    p.add_argument("--coefficients", metavar="FILE",
+                   help="ada: JSON {tensor: [one coefficient per --finetuned]}, as a mera-ada "
+                        "realign writes it")
     p.add_argument("--shard-size", default="2GB", help="output shard size (default 2GB)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes merging output shards in parallel (default 1)")
@@ -48,7 +51,8 @@ def _run(args) -> int:
 
     fields = {"strategy": args.strategy, "weights": args.weights, "lam": args.lam,
               "density": args.density, "drop_p": args.drop_p, "seed": args.seed,
-              "shard_size": args.shard_size, "threads": args.threads}
+              "coefficients": args.coefficients, "shard_size": args.shard_size,
+              "threads": args.threads}
     try:
         cfg = MergeConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

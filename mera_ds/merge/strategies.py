@@ -26,7 +26,10 @@ import it).
   each s_k clamped from below at its (1 - density) order statistic and min-max normalised to a
   weight w_k (the rest of the elements get 0), then prev + lam * sum_k w_k d_k / sum_k w_k.
   The authors normalise over the whole model's flattened task vector; here each tensor is its
-  own vector, so the merge streams tensor by tensor.
+  own vector, so the merge streams tensor by tensor;
+- ada: prev + sum_k lambda_{t,k} (ft_k - prev), one coefficient per tensor t and fine-tuned model
+  k, read from a JSON file (--coefficients): those a mera-ada realign fitted on the replay mix
+  (mera_ds.model.ada).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ class Strategy:
     # True: the fine-tuned models' deltas are summed (times lam), not averaged: across stages the
     # plan divides lam by the stage number, so that lam scales their average.
     sums: ClassVar[bool] = False
+    # True: its coefficients are learned in the run, by the realign (the plan runs it first).
+    learned: ClassVar[bool] = False
 
     def __init__(self, cfg, n_finetuned: int, step: Optional[int]):
         # cfg: a config.MergeConfig (its fields are the strategies' settings)
@@ -198,6 +203,39 @@ class Pcb(Strategy):
         return merged.reshape(prev.shape).mul_(self.cfg.lam).add_(prev)
 
 
+class Ada(Strategy):
+    name = "ada"
+    summary = ("prev + sum_k lambda_{t,k} (ft_k - prev), one coefficient per tensor and model, "
+               "fitted by a mera-ada realign (--coefficients FILE)")
+    learned = True
+
+    def __init__(self, cfg, n_finetuned, step):
+        super().__init__(cfg, n_finetuned, step)
+        from mera_ds.storage import read_json
+
+        if not cfg.coefficients:
+            raise MeraError("merge strategy ada: needs the coefficients file (--coefficients)")
+        self.url = cfg.coefficients
+        self.coefficients = read_json(self.url)
+        if not isinstance(self.coefficients, dict):
+            raise MeraError(f"{self.url}: not a JSON object {{tensor: [coefficients]}}")
+
+    def lambdas(self, name: str) -> list[float]:
+        lam = self.coefficients.get(name)
+        if not (isinstance(lam, list) and len(lam) == self.n_finetuned and
+                all(isinstance(x, (int, float)) for x in lam)):
+            raise MeraError(f"{self.url}: tensor {name!r} needs {self.n_finetuned} numbers (one "
+                            f"per fine-tuned LLM), got {lam!r}")
+        return lam
+
+    def merge(self, name, block, prev, finetuned):
+        lam = self.lambdas(name)
+        total = finetuned[0].sub_(prev).mul_(lam[0])
+        for w, x in zip(lam[1:], finetuned[1:]):
+            total.add_(x.sub_(prev), alpha=w)
+        return total.add_(prev)
+
+
 def _clamp_rows(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Each row of x (n x d) clamped between its order statistics at int(d * low) and
     int(d * (1 - high)) - 1 (0-based, ascending)."""
@@ -215,7 +253,7 @@ def _minmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Mera, Linear, TaskArithmetic, Ties, Dare, Pcb)}
+    s.name: s for s in (Mera, Linear, TaskArithmetic, Ties, Dare, Pcb, Ada)}
 
 
 def make_strategy(cfg, n_finetuned: int, step: Optional[int] = None) -> Strategy:

@@ -14,6 +14,7 @@ from torch import nn
 from mera_ds.config import RunConfig
 from mera_ds.errors import MeraError
 from mera_ds.model import tiny
+from mera_ds.model.ada import coefficients
 from mera_ds.model.connectors import build_connector
 from mera_ds.model.encoders import Encoder, build_encoder
 from mera_ds.model.llm import build_llm
@@ -53,7 +54,8 @@ class MLLM(nn.Module):
         """LLM input embeddings of the batch with each sample's connector output spliced in at
         its placeholder positions."""
         embed_tokens = self.llm.get_input_embeddings()
-        ids = batch["input_ids"].to(embed_tokens.weight.device)
+        # Its first parameter, not .weight: a learned merge computes .weight (mera_ds.model.ada).
+        ids = batch["input_ids"].to(next(embed_tokens.parameters()).device)
         embeds = embed_tokens(ids)
         features = {}
         # Every connector runs on every step, on no samples where the batch has none of its
@@ -267,11 +269,13 @@ class Collator:
         return rows
 
 
-def set_trainable(mllm: MLLM, llm: bool, connectors: list[str]) -> None:
-    """Freeze everything, then unfreeze the LLM (if `llm`; its adapters if it has LoRA) and the
-    named connectors.
+def set_trainable(mllm: MLLM, llm: bool, connectors: list[str], merge: bool = False) -> None:
+    """Freeze everything, then unfreeze the LLM (if `llm`; its adapters if it has LoRA), the
+    coefficients of a learned merge (if `merge`) and the named connectors.
     Encoders are never trained."""
     mllm.requires_grad_(False)
+    for lam in coefficients(mllm.llm).values():
+        lam.requires_grad_(merge)
     if llm:  # a LoRA-wrapped LLM trains its adapters only
         lora = is_lora(mllm.llm)
         for name, p in mllm.llm.named_parameters():
@@ -284,16 +288,21 @@ def set_trainable(mllm: MLLM, llm: bool, connectors: list[str]) -> None:
 
 
 def trainable_parameters(mllm: MLLM) -> dict[str, list[nn.Parameter]]:
-    """{"llm": [...], "connectors": [...]}: the parameters that require grad, by kind."""
-    return {"llm": [p for p in mllm.llm.parameters() if p.requires_grad],
+    """{"llm": [...], "merge": [...], "connectors": [...]}: the parameters that require grad, by
+    kind (merge: a learned merge's coefficients)."""
+    merge = [p for p in coefficients(mllm.llm).values() if p.requires_grad]
+    return {"llm": [p for p in mllm.llm.parameters()
+                    if p.requires_grad and not any(p is q for q in merge)],
+            "merge": merge,
             "connectors": [p for p in mllm.connectors.parameters() if p.requires_grad]}
 
 
-def param_groups(mllm: MLLM, lr_llm: float, lr_connector: float,
+def param_groups(mllm: MLLM, lr_llm: float, lr_connector: float, lr_merge: float = 0.0,
                  weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups with the per-kind learning rates of the finetune phase (the
     paper: 2e-4 for the LLM, 2e-5 for the connector); groups without trainable parameters are
-    left out."""
-    lrs = {"llm": lr_llm, "connectors": lr_connector}
-    return [{"name": kind, "params": params, "lr": lrs[kind], "weight_decay": weight_decay}
+    left out. A learned merge's coefficients are never decayed (toward 0: no merge at all)."""
+    lrs = {"llm": lr_llm, "merge": lr_merge, "connectors": lr_connector}
+    return [{"name": kind, "params": params, "lr": lrs[kind],
+             "weight_decay": 0.0 if kind == "merge" else weight_decay}
             for kind, params in trainable_parameters(mllm).items() if params]

@@ -8,6 +8,7 @@ them. The plan, the executors, the report and the benchmark take every path from
     RUN/stages/NN-<modality>/finetune/connectors/<modality>.safetensors
     RUN/stages/NN-<modality>/merge/llm/        HF layout (stage 1 has none)
     RUN/stages/NN-<modality>/realign/connectors/<modality>.safetensors (every learned modality)
+    RUN/stages/NN-<modality>/realign/coefficients.json   (a learned merge's, strategy ada)
     RUN/stages/NN-<modality>/eval/metrics.json
     RUN/replay/<modality>/replay-NNNNNN.tar, replay.json
     RUN/tensorboard/NN-<modality>-<phase>/
@@ -97,6 +98,10 @@ class RunLayout:
     def realign_connector(self, modality: str, connector_of: str, tag: str = "") -> str:
         return join(self.phase_dir(modality, "realign", tag), "connectors",
                     f"{connector_of}.safetensors")
+
+    def merge_coefficients(self, modality: str, tag: str = "") -> str:
+        """The coefficients a learned merge's realign fitted (strategy ada)."""
+        return join(self.phase_dir(modality, "realign", tag), "coefficients.json")
 
     def eval_metrics(self, modality: str, tag: str = "") -> str:
         return join(self.phase_dir(modality, "eval", tag), "metrics.json")

@@ -12,7 +12,8 @@ plan (mera_ds.run.plan.Method):
 - mera-avg, mera-ties, mera-dare, mera-pcb (only when asked for, with --methods): mera-10 with
   each merge combining the task vectors of every stage so far against theta_0 with that strategy
   of mera_ds.merge.strategies (mera-avg: mera over them, the running average again; mera-dare:
-  the average of the dropped and rescaled task vectors, lam / i).
+  the average of the dropped and rescaled task vectors, lam / i; mera-ada: per-tensor, per-stage
+  coefficients fitted on the replay mix by the realign, from 1/i, mera_ds.model.ada).
 
 The methods' plans are laid over one directory, where steps that compute the same thing have the
 same name (stage 1 for all; stage 2's finetune for seq and merge, both from theta_1; each chain's
@@ -44,7 +45,8 @@ METHODS = {
     "mera-10": Method("merge", 0.1),
 }
 # Merges across stages: run when named in --methods.
-ACROSS = {"mera-avg": "mera", "mera-ties": "ties", "mera-dare": "dare", "mera-pcb": "pcb"}
+ACROSS = {"mera-avg": "mera", "mera-ties": "ties", "mera-dare": "dare", "mera-pcb": "pcb",
+          "mera-ada": "ada"}
 EVERY_METHOD = {**METHODS, **{n: Method("merge", 0.1, across=s) for n, s in ACROSS.items()}}
 
 

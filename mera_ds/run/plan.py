@@ -13,6 +13,10 @@ A stage i (the modality m_i) has up to six phases, in this order:
     realign   connectors 1..i on the replay mix, theta_i frozen  (when the method realigns)
     evaluate  every learned modality on theta_i                  -> row i of P
 
+A learned merge (strategy ada, mera_ds.model.ada) realigns before it merges: the realign fits the
+coefficients of theta_0 + sum_k lambda_k (theta_ft_k - theta_0) with the connectors, the LLM's
+weights frozen, and the merge then writes that LLM.
+
 A *method* is a variant of that plan: its chain says how theta_i comes from theta_{i-1} (merge:
 MERA's merge; seq: the finetuned LLM as it is; replay: finetune on the new data mixed with the
 earlier modalities' replay), its realign ratio whether and on how much replay it realigns, and
@@ -102,10 +106,11 @@ class MergeSpec(_OneOutput):
     step: int                    # i
     strategy: Optional[str] = None  # None: the config's
     lam: Optional[float] = None     # None: the config's
+    coefficients: Optional[str] = None  # a learned merge's, fitted by its realign
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return (self.prev, *self.finetuned)
+        return (self.prev, *self.finetuned, *filter(None, [self.coefficients]))
 
 
 @dataclass(frozen=True)
@@ -204,12 +209,25 @@ class _Planner:
                 cfg.modality(m).train_shards, self.root.replay_dir(m, tag), ratio, cfg.seed,
                 cfg.max_workers)))
         steps.append(self.finetune(i, ft))
-        if self.method.chain == "merge" and i > 1:
+        merges = self.method.chain == "merge" and i > 1
+        if merges and not self.learned:
             steps.append(self.merge(i))
         if self.method.realign is not None:
             steps.append(self.realign(i, ft))
+        if merges and self.learned:
+            steps.append(self.merge(i))
         steps.append(self.evaluate(i))
         return steps
+
+    @property
+    def learned(self) -> bool:
+        """Whether its merges are learned by its realigns (their coefficients)."""
+        return bool(self.method.across) and STRATEGIES[self.method.across].learned
+
+    def finetuned_llms(self, i: int) -> tuple[str, ...]:
+        """theta_ft_1 .. theta_ft_i."""
+        return tuple(self.at(self.finetune_owner(k)).finetune_llm(self.order[k - 1])
+                     for k in range(1, i + 1))
 
     def finetune(self, i: int, ft: RunLayout) -> Step:
         m, learned, cfg = self.order[i - 1], self.order[:i], self.cfg
@@ -234,26 +252,31 @@ class _Planner:
         theta_ft_k, k <= i (the finetuned LLMs are artifacts of the run already: the task vectors
         cost no storage beyond theta_0)."""
         m, out, across = self.order[i - 1], self.at(self.method.key), self.method.across
-        finetuned = [self.at(self.finetune_owner(k)).finetune_llm(self.order[k - 1])
-                     for k in (range(1, i + 1) if across else (i,))]
+        finetuned = self.finetuned_llms(i) if across else self.finetuned_llms(i)[-1:]
         prev = self.root.base_llm if across else self.llm(i - 1)
         lam = self.cfg.stages.merge.lam / i if across and STRATEGIES[across].sums else None
+        coefficients = out.merge_coefficients(m, self.tag(self.method.realign)) \
+            if self.learned else None
         return Step(out.step_name(m, "merge"), "merge", m,
-                    MergeSpec(prev, tuple(finetuned), out.merge_llm(m), i, across, lam))
+                    MergeSpec(prev, finetuned, out.merge_llm(m), i, across, lam, coefficients))
 
     def realign(self, i: int, ft: RunLayout) -> Step:
         """Connectors 1..i on the replay mix: the newest from its finetune, the others from the
-        previous stage's realign."""
+        previous stage's realign. A learned merge's (i >= 2) trains the merge coefficients over
+        theta_0 and theta_ft_1..i with them."""
         m, learned = self.order[i - 1], self.order[:i]
         tag, out = self.tag(self.method.realign), self.at(self.llm_owner(i))
         before = {o: ft.finetune_connector(m) if o == m else
                   self.at(self.llm_owner(i - 1)).realign_connector(self.order[i - 2], o, tag)
                   for o in learned}
+        merge = dict(llm=self.root.base_llm, merge_finetuned=self.finetuned_llms(i),
+                     export_coefficients=out.merge_coefficients(m, tag)) \
+            if self.learned and i > 1 else dict(llm=self.llm(i))
         return _training(realign_job(
-            self.cfg, m, self.llm(i), before, [ReplaySet(self.root.replay_dir(o, tag))
-                                               for o in learned],
-            {o: out.realign_connector(m, o, tag) for o in learned},
-            **self.where(out, m, "realign", tag)))
+            self.cfg, m, before=before, replays=[ReplaySet(self.root.replay_dir(o, tag))
+                                                 for o in learned],
+            out={o: out.realign_connector(m, o, tag) for o in learned},
+            **merge, **self.where(out, m, "realign", tag)))
 
     def evaluate(self, i: int) -> Step:
         """theta_i with the connectors the method ends stage i with: realigned, or each as its
@@ -278,7 +301,8 @@ def _training(job: JobSpec) -> Step:
 
 def merge_config(cfg: RunConfig, spec: MergeSpec):
     """The merge settings of a merge step: the config's, with the step's strategy and lam."""
-    update = {k: v for k, v in (("strategy", spec.strategy), ("lam", spec.lam)) if v is not None}
+    update = {k: v for k, v in (("strategy", spec.strategy), ("lam", spec.lam),
+                                ("coefficients", spec.coefficients)) if v is not None}
     return cfg.stages.merge.model_copy(update=update)
 
 

@@ -43,14 +43,19 @@ def finetune_job(cfg: RunConfig, modality: str, llm: Optional[str],
 
 
 def realign_job(cfg: RunConfig, modality: str, llm: str, before: dict[str, str],
-                replays: Sequence[ReplaySet], out: dict[str, str], **where) -> JobSpec:
+                replays: Sequence[ReplaySet], out: dict[str, str],
+                merge_finetuned: Sequence[str] = (), export_coefficients: Optional[str] = None,
+                **where) -> JobSpec:
     """The LLM directory `llm` frozen, the connectors of `before` ({learned modality: file to
     start from}) trained on the union of the replay sets, weighed by their sizes, and written to
-    `out`. Only connector parameters reach the optimizer; the LLM still runs under ZeRO-3."""
+    `out`. Only connector parameters reach the optimizer; the LLM still runs under ZeRO-3.
+    With `merge_finetuned` (theta_ft_1..i; `llm` theta_0) the coefficients of a learned merge
+    over their task vectors train too (stages.merge.ada_lr), written to `export_coefficients`."""
     ra = cfg.stages.realign
     learned = tuple(before)
     return JobSpec(
         phase="realign", modality=modality, learned=learned, train_llm=False,
         train_connectors=learned, data=tuple(replays), settings=ra, lr_llm=0.0,
         lr_connector=ra.lr, init_llm=llm, init_connectors=before, export_connectors=out,
-        **where)
+        merge_finetuned=tuple(merge_finetuned), lr_merge=cfg.stages.merge.ada_lr,
+        export_coefficients=export_coefficients, **where)

@@ -51,18 +51,26 @@ class JobSpec:
     tensorboard: Optional[str] = None
     state: Optional[str] = None                # where resume checkpoints go while it runs
     lora: Optional[LoraConfig] = None          # train LoRA adapters instead of the LLM
+    # A learned merge (mera_ds.model.ada): the LLM is init_llm (theta_0) plus these finetuned
+    # LLMs' task vectors weighed by coefficients that train at lr_merge, and are written to
+    # export_coefficients.
+    merge_finetuned: tuple[str, ...] = ()
+    lr_merge: float = 0.0
+    export_coefficients: Optional[str] = None
 
     @property
     def outputs(self) -> tuple[str, ...]:
         """The artifacts it writes (the resume state is none)."""
-        return tuple(u for u in (self.export_llm, *self.export_connectors.values()) if u)
+        return tuple(u for u in (self.export_llm, *self.export_connectors.values(),
+                                 self.export_coefficients) if u)
 
     @property
     def inputs(self) -> tuple[str, ...]:
         """What it reads that a run may write: the LLM, connectors and replay sets it starts
         from (not the shards nor the config's LLM, which are there before the run)."""
         replays = (d.dir for d in self.data if isinstance(d, ReplaySet))
-        return tuple(u for u in (self.init_llm, *self.init_connectors.values(), *replays) if u)
+        return tuple(u for u in (self.init_llm, *self.merge_finetuned,
+                                 *self.init_connectors.values(), *replays) if u)
 
 
 def lr_factor(step: int, settings: TrainingSettings) -> float:
@@ -128,6 +136,7 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
 
     import deepspeed
 
+    from mera_ds.model.ada import with_learned_merge
     from mera_ds.model.connectors import load_connector
     from mera_ds.model.llm import DTYPES, build_llm
     from mera_ds.model.lora import with_lora
@@ -143,17 +152,20 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
     # built outside that scope.
     with contextlib.nullcontext() if replicated else _partitioned(ds_config):
         llm, tokenizer = build_llm(cfg.llm, path=spec.init_llm)
+    if spec.merge_finetuned:
+        llm = with_learned_merge(llm, spec.merge_finetuned, None if replicated else ds_config)
     if spec.lora:
         llm = with_lora(llm, spec.lora)
     mllm = build_mllm(cfg, modalities=list(spec.learned), llm=llm, tokenizer=tokenizer)
     for m, url in spec.init_connectors.items():
         load_connector(mllm.connectors[m], url)
-    set_trainable(mllm, llm=spec.train_llm, connectors=list(spec.train_connectors))
+    set_trainable(mllm, llm=spec.train_llm, connectors=list(spec.train_connectors),
+                  merge=bool(spec.merge_finetuned))
     # One dtype for the whole model: DeepSpeed flattens trainable partitions into one buffer.
     mllm.to(device=device, dtype=DTYPES[cfg.llm.dtype])
 
     groups = param_groups(mllm, lr_llm=spec.lr_llm, lr_connector=spec.lr_connector,
-                          weight_decay=spec.settings.weight_decay)
+                          lr_merge=spec.lr_merge, weight_decay=spec.settings.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
     optimizer = optimizer_for(groups, ds_config, device)
@@ -180,12 +192,14 @@ def replicates_llm(cfg: RunConfig, spec: JobSpec, device: torch.device) -> bool:
     """Whether this job keeps the LLM whole on every rank: a realign in data_parallel mode (its
     LLM is frozen, so only the connectors' gradients need reducing), or in auto mode where the
     LLM's weights take at most a third of every rank's device memory (the rest for activations
-    and the connectors). Collective: the ranks agree."""
+    and the connectors; a learned merge holds the task vectors too). Collective: the ranks
+    agree."""
     if spec.phase != "realign" or spec.settings.mode == "zero3":
         return False
     if spec.settings.mode == "data_parallel":
         return True
-    fits = torch.tensor([llm_bytes(cfg, spec.init_llm) * 3 <= device_memory(device)],
+    copies = 1 + len(spec.merge_finetuned)
+    fits = torch.tensor([llm_bytes(cfg, spec.init_llm) * copies * 3 <= device_memory(device)],
                         dtype=torch.int64)
     dist.all_reduce(fits, op=dist.ReduceOp.MIN)
     return bool(fits.item())
@@ -315,6 +329,8 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
 
 def export(cfg: RunConfig, spec: JobSpec, engine) -> None:
     """Write the trained LLM and connectors the spec names; collective over all ranks."""
+    from mera_ds.model.ada import read_coefficients
+    from mera_ds.storage import write_json
     from mera_ds.train.export import export_connectors, export_llm
 
     bucket = parse_size(os.environ.get("MERA_EXPORT_BUCKET", "64MB"))
@@ -325,4 +341,8 @@ def export(cfg: RunConfig, spec: JobSpec, engine) -> None:
     if spec.export_connectors:
         export_connectors({m: engine.module.connectors[m] for m in spec.export_connectors},
                           spec.export_connectors)
+    if spec.export_coefficients:
+        fitted = read_coefficients(engine.module.llm)
+        if dist.get_rank() == 0:
+            write_json(spec.export_coefficients, fitted)
     dist.barrier()
