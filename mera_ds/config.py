@@ -363,6 +363,21 @@ class RunConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def default_of(key: str) -> Any:
+    """The default of a fingerprint key ("stages.merge.lam"); None where it has none."""
+    model = RunConfig
+    *parents, name = key.split(".")
+    for part in parents:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and
+                                 issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    field = model.model_fields.get(name)
+    return None if field is None or field.is_required() else field.get_default(
+        call_default_factory=True)
+
+
 # Settings that may change between a run and its resume: where it runs, not what it computes.
 NOT_FINGERPRINTED = {"cluster.ray_address", "cluster.placement_strategy", "cluster.schedule",
                      "cluster.shared_filesystem", "cluster.timeout_s", "cluster.max_failures",

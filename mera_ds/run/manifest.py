@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from mera_ds.config import RunConfig, parse_config
+from mera_ds.config import RunConfig, default_of, parse_config
 from mera_ds.errors import MeraError
 from mera_ds.run.layout import RunLayout
 from mera_ds.storage import exists, read_json, remove, write_json
@@ -58,8 +58,10 @@ class Manifest:
             if old.about[field] != about[field]:
                 raise MeraError(f"{url}: the run's {field} is {old.about[field]!r}, not "
                                 f"{about[field]!r}; choose another run_dir")
+        # A setting the run's mera-ds did not have yet, at its default, computes what it did.
         was, now = old.about["config"], about["config"]
-        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        changed = sorted(k for k in set(was) | set(now)
+                         if was.get(k, default_of(k)) != now.get(k))
         if changed:
             k = changed[0]
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
