@@ -145,7 +145,7 @@ def test_cli_prints_one_line_error(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines == [f"mera: error: {path}: stages.merge.strategy: 'slerp' is not a merge "
-                     f"strategy (one of mera, linear, task_arithmetic, ties, dare, pcb)"]
+                     f"strategy (one of mera, linear, task_arithmetic, ties, dare, pcb, ada)"]
 
 
 @pytest.mark.parametrize("run_dir, message", [

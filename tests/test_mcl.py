@@ -118,13 +118,19 @@ def test_bad_order_is_one_line_naming_the_modality(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_summary_gives_mean_and_spread_per_method():
+def test_summary_gives_means_with_confidence_intervals_and_paired_differences():
+    """Three runs: BRG 40, 50, 60 (mean 50, sd 10, t(0.975, 2) = 4.303: 50 +- 24.8); final
+    averages 0.5, 0.6, 0.7 against mera-10's 0.4, 0.6, 0.5 (differences 10, 0, 20 points)."""
     runs = [{"order": ["a", "b"], "seed": s, "methods": {
-        "seq-ft": {"brg": brg, "final_average": avg}}}
-        for s, (brg, avg) in enumerate([(40.0, 0.5), (60.0, 0.7)])]
+        "seq-ft": {"brg": brg, "final_average": avg},
+        "mera-10": {"brg": 99.0, "final_average": ref}}}
+        for s, (brg, avg, ref) in enumerate([(40.0, 0.5, 0.4), (50.0, 0.6, 0.6),
+                                            (60.0, 0.7, 0.5)])]
     table = summarize(runs)
-    assert "2 runs: a,b/s0, a,b/s1" in table
-    assert "| seq-ft | 50.00 | 14.14 | 40.00..60.00 | 0.600 | 0.141 |" in table
+    assert "3 runs: a,b/s0, a,b/s1, a,b/s2" in table
+    assert ("| seq-ft | 50.0 [25.2, 74.8] | 40.0..60.0 | 0.600 [0.352, 0.848] | "
+            "+10.0 [-14.8, +34.8] |") in table
+    assert "| mera-10 | 99.0 [99.0, 99.0] | 99.0..99.0 |" in table
 
 
 def test_summary_of_something_else_is_one_line(tmp_path):

@@ -11,6 +11,7 @@ import yaml
 
 from mera_ds.config import parse_config
 from mera_ds.errors import MeraError
+from mera_ds.run.layout import RunLayout
 from mera_ds.run.manifest import Manifest
 
 from .conftest import ENV, ROOT
@@ -41,6 +42,21 @@ def test_killed_run_resumes_without_redoing_finished_steps(resumed_run):
         Manifest.open(layout, parse_config(cfg), "mera", resume=True)
     with pytest.raises(MeraError, match="add --resume"):
         Manifest.open(layout, parse_config(cfg), "mera", resume=False)
+
+
+def test_a_setting_newer_than_the_run_at_its_default_resumes(tiny_config):
+    """A run recorded by a mera-ds without some setting resumes when the setting is at its
+    default (what the run computed then), and is refused when it is not."""
+    cfg = parse_config(tiny_config)
+    layout = RunLayout.of(cfg)
+    Manifest.open(layout, cfg, "mera", resume=False)
+    recorded = json.loads(open(layout.manifest).read())
+    del recorded["config"]["stages.merge.ada_lr"]
+    open(layout.manifest, "w").write(json.dumps(recorded))
+    Manifest.open(layout, cfg, "mera", resume=True)
+    tiny_config["stages"]["merge"]["ada_lr"] = 0.5
+    with pytest.raises(MeraError, match=r"stages\.merge\.ada_lr was None, is 0\.5"):
+        Manifest.open(layout, parse_config(tiny_config), "mera", resume=True)
 
 
 def artifacts(run_dir) -> set:

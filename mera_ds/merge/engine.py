@@ -154,6 +154,7 @@ def plan_merge(prev: str, finetuned: Sequence[str], cfg: MergeConfig,
     ft_ckpts = [Checkpoint(url) for url in finetuned]
     _check_inputs(prev_ckpt, ft_ckpts)
     specs = [TensorSpec(i.name, i.dtype, i.shape) for i in prev_ckpt.infos.values()]
+    strategy.check([s.name for s in specs])
     return MergePlan(prev_ckpt, ft_ckpts, strategy, plan_shards(specs, parse_size(cfg.shard_size)))
 
 

@@ -68,6 +68,10 @@ class Strategy:
             raise MeraError(f"merge strategy {self.name}: needs at least one fine-tuned LLM")
         self.cfg, self.n_finetuned, self.step = cfg, n_finetuned, step
 
+    def check(self, names: Sequence[str]) -> None:
+        """Called with every tensor's name before any is merged: a strategy with settings per
+        tensor checks it has them."""
+
     def merge(self, name: str, block: int, prev: torch.Tensor,
               finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
         """`block`: which run of BLOCK elements of tensor `name` this is (elementwise
@@ -220,16 +224,16 @@ class Ada(Strategy):
         if not isinstance(self.coefficients, dict):
             raise MeraError(f"{self.url}: not a JSON object {{tensor: [coefficients]}}")
 
-    def lambdas(self, name: str) -> list[float]:
-        lam = self.coefficients.get(name)
-        if not (isinstance(lam, list) and len(lam) == self.n_finetuned and
-                all(isinstance(x, (int, float)) for x in lam)):
-            raise MeraError(f"{self.url}: tensor {name!r} needs {self.n_finetuned} numbers (one "
-                            f"per fine-tuned LLM), got {lam!r}")
-        return lam
+    def check(self, names):
+        for name in names:
+            lam = self.coefficients.get(name)
+            if not (isinstance(lam, list) and len(lam) == self.n_finetuned and
+                    all(isinstance(x, (int, float)) for x in lam)):
+                raise MeraError(f"{self.url}: tensor {name!r} needs {self.n_finetuned} numbers "
+                                f"(one per fine-tuned LLM), got {lam!r}")
 
     def merge(self, name, block, prev, finetuned):
-        lam = self.lambdas(name)
+        lam = self.coefficients[name]
         total = finetuned[0].sub_(prev).mul_(lam[0])
         for w, x in zip(lam[1:], finetuned[1:]):
             total.add_(x.sub_(prev), alpha=w)

@@ -167,21 +167,39 @@ def plot(result: dict, path: str) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def summarize(results: list[dict]) -> str:
-    """Mean, standard deviation and range of BRG and the final average per method over runs
-    (orders x seeds), as a Markdown table."""
+def summarize(results: list[dict], reference: str = "mera-10") -> str:
+    """Per method over runs (orders x seeds), as a Markdown table: the mean of BRG and of the
+    final average with 95% confidence intervals (Student's t over the runs), BRG's range, and
+    the final average's difference from `reference`'s in the same runs (paired), where both ran."""
     found = {n for r in results for n in r["methods"]}  # JSON keeps no order: EVERY_METHOD's
     names = [n for n in EVERY_METHOD if n in found] + sorted(found - set(EVERY_METHOD))
     runs = ", ".join(f"{','.join(r['order'])}/s{r['seed']}" for r in results)
-    lines = [f"{len(results)} runs: {runs}", "",
-             "| method | BRG % mean | BRG sd | BRG min..max | final avg mean | final avg sd |",
-             "|---|---|---|---|---|---|"]
+    paired = reference in found
+    lines = [f"{len(results)} runs: {runs}; 95% confidence intervals (t over the runs)", "",
+             "| method | BRG % mean [95% CI] | BRG min..max | final avg mean [95% CI] |" +
+             (f" final avg - {reference}'s, points [95% CI] |" if paired else ""),
+             "|---|---|---|---|" + ("---|" if paired else "")]
     for n in names:
-        brg = [r["methods"][n]["brg"] for r in results
-               if n in r["methods"] and r["methods"][n]["brg"] is not None]
-        avg = [r["methods"][n]["final_average"] for r in results if n in r["methods"]]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        lines.append(f"| {n} | {statistics.mean(brg):.2f} | {sd(brg):.2f} | "
-                     f"{min(brg):.2f}..{max(brg):.2f} | {statistics.mean(avg):.3f} | "
-                     f"{sd(avg):.3f} |")
+        ran = [r["methods"] for r in results if n in r["methods"]]
+        brg = [m[n]["brg"] for m in ran if m[n]["brg"] is not None]
+        avg = [m[n]["final_average"] for m in ran]
+        row = (f"| {n} | {_interval(brg, '.1f')} | {min(brg):.1f}..{max(brg):.1f} | "
+               f"{_interval(avg, '.3f')} |")
+        if paired:
+            diff = [100 * (m[n]["final_average"] - m[reference]["final_average"])
+                    for m in ran if reference in m]
+            row += f" {_interval(diff, '+.1f')} |"
+        lines.append(row)
     return "\n".join(lines)
+
+
+def _interval(values: list[float], fmt: str) -> str:
+    """"mean [low, high]": the 95% confidence interval of the mean, Student's t (one value:
+    no interval)."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:{fmt}}"
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:{fmt}} [{mean - half:{fmt}}, {mean + half:{fmt}}]"

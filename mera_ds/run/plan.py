@@ -58,6 +58,9 @@ class Method:
     def __post_init__(self):
         if self.chain not in CHAINS:
             raise MeraError(f"method chain {self.chain!r} is not one of {', '.join(CHAINS)}")
+        if self.across and STRATEGIES[self.across].learned and self.realign is None:
+            raise MeraError(f"merge strategy {self.across}: learned by the realign, which this "
+                            f"method does not run")
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Method":
@@ -300,7 +303,8 @@ def _training(job: JobSpec) -> Step:
 
 
 def merge_config(cfg: RunConfig, spec: MergeSpec):
-    """The merge settings of a merge step: the config's, with the step's strategy and lam."""
+    """The merge settings of a merge step: the config's, with the step's strategy, lam and
+    coefficients."""
     update = {k: v for k, v in (("strategy", spec.strategy), ("lam", spec.lam),
                                 ("coefficients", spec.coefficients)) if v is not None}
     return cfg.stages.merge.model_copy(update=update)
