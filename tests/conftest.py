@@ -140,6 +140,34 @@ def two_modalities(cfg: dict) -> dict:
     return cfg
 
 
+def run_in_process(cfg: dict, tmp_path) -> None:
+    """`mera run --executor local` on config `cfg` (written to tmp_path/run.yaml): the whole run
+    in one process, no Ray."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "mera_ds", "run", str(path), "--executor",
+                           "local"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_checkpointer(path: str):
+    """A resume-state checkpointer that raises Crash right after its first save: a job killed
+    just after a checkpoint."""
+    from mera_ds.train.runtime import DirCheckpointer
+
+    class Crashing(DirCheckpointer):
+        def save(self, engine, step, metrics):
+            super().save(engine, step, metrics)
+            raise Crash(step)
+
+    return Crashing(path)
+
+
 def mera_run(path, *extra, env=None):
     return subprocess.Popen([sys.executable, "-m", "mera_ds", "run", str(path), *extra],
                             cwd=ROOT, env=env or mera_env(), stdout=subprocess.PIPE,

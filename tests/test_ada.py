@@ -5,22 +5,22 @@ fitted coefficients equal the data-parallel realign's."""
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from safetensors.torch import load_file
 
 from mera_ds.config import MergeConfig, parse_config
 from mera_ds.errors import MeraError
 from mera_ds.merge.engine import merge_llm
 from mera_ds.run.layout import RunLayout
-from mera_ds.run.plan import Method, plan
+from mera_ds.run.plan import Method, find_step, plan
 from mera_ds.run.schedule import dependencies
+from mera_ds.train.recipe import run_job
+from mera_ds.train.runtime import DirCheckpointer
 
-from .conftest import ENV, ROOT, two_modalities
+from .conftest import Crash, crashing_checkpointer, run_in_process, two_modalities
 from .test_merge import state, tiny_llama
 from .test_train import torchrun
 
@@ -149,12 +149,7 @@ def test_a_learned_merge_run_and_its_realign_under_zero3(tiny_config, tmp_path):
     formula); stage 2's realign again on 2 ranks, data-parallel and ZeRO-3: every piece of the
     parametrized LLM partitioned, the same coefficients, the LLM directories untouched."""
     cfg = ada_config(two_modalities(tiny_config))
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "mera_ds", "run", str(path), "--executor",
-                           "local"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_process(cfg, tmp_path)
     layout = RunLayout.of(parse_config(cfg))
     fitted = json.loads(open(layout.merge_coefficients("video")).read())
     assert all(lam != [0.5, 0.5] for lam in fitted.values())  # they trained
@@ -162,6 +157,16 @@ def test_a_learned_merge_run_and_its_realign_under_zero3(tiny_config, tmp_path):
     merged = state(layout.merge_llm("video"))
     for name, want in formula(layout.base_llm, finetuned, fitted).items():
         torch.testing.assert_close(merged[name].double(), want, rtol=1e-5, atol=1e-6)
+
+    # Killed after its step-2 checkpoint and resumed, the realign fits the same coefficients.
+    parsed = parse_config(cfg)
+    spec = find_step(plan(parsed, Method.of(parsed), layout), "realign", "video").spec
+    with pytest.raises(Crash):
+        run_job(parsed, spec, crashing_checkpointer(str(tmp_path / "state")), 2)
+    assert run_job(parsed, spec, DirCheckpointer(str(tmp_path / "state")), 2)["resumed_at"] == 2
+    resumed = json.loads(open(layout.merge_coefficients("video")).read())
+    for name, lam in fitted.items():
+        np.testing.assert_allclose(resumed[name], lam, rtol=1e-4, atol=1e-6)
 
     llms = [layout.base_llm, *finetuned]
     before = {(d, f): open(os.path.join(d, f), "rb").read() for d in llms for f in os.listdir(d)}
@@ -171,11 +176,15 @@ def test_a_learned_merge_run_and_its_realign_under_zero3(tiny_config, tmp_path):
         torchrun(cfg, "realign", "video", tmp_path / mode)
         metrics = json.loads((tmp_path / mode / "metrics.json").read_text())
         assert metrics["zero_stage"] == (3 if mode == "zero3" else 0)
-        runs[mode] = json.loads(open(layout.merge_coefficients("video")).read())
-    for name, lam in runs["zero3"].items():
-        np.testing.assert_allclose(lam, runs["data_parallel"][name], rtol=1e-4, atol=1e-6)
-    from safetensors.torch import load_file
-
+        runs[mode] = (json.loads(open(layout.merge_coefficients("video")).read()),
+                      {m: load_file(layout.realign_connector("video", m))
+                       for m in ("image", "video")})
+    (zero3, zero3_connectors), (replicated, connectors) = runs["zero3"], runs["data_parallel"]
+    for name, lam in zero3.items():
+        np.testing.assert_allclose(lam, replicated[name], rtol=1e-4, atol=1e-6)
+    for m, tensors in zero3_connectors.items():
+        for k, v in tensors.items():
+            torch.testing.assert_close(v, connectors[m][k], rtol=1e-4, atol=1e-6)
     parts = [load_file(tmp_path / "zero3" / f"start-partition-rank{r}.safetensors")
              for r in (0, 1)]
     full = state(layout.base_llm)

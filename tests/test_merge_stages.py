@@ -4,13 +4,10 @@ recursion; PCB-Merging against its paper's formulas; the plan's base and merge s
 run in one process."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from mera_ds.config import MergeConfig, parse_config
 from mera_ds.merge.engine import merge_llm
@@ -18,7 +15,7 @@ from mera_ds.run.layout import RunLayout
 from mera_ds.run.plan import Method, plan
 from mera_ds.run.schedule import dependencies
 
-from .conftest import ENV, ROOT, two_modalities
+from .conftest import run_in_process, two_modalities
 from .test_merge import f32, state, tiny_llama
 
 
@@ -116,12 +113,7 @@ def test_a_run_merging_across_stages_with_ties(tiny_config, tmp_path):
     cfg = two_modalities(tiny_config)
     cfg["stages"]["merge"].update(strategy="ties", across_stages=True, density=0.5)
     cfg["stages"]["realign"]["enabled"] = False
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "mera_ds", "run", str(path), "--executor",
-                           "local"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_process(cfg, tmp_path)
     layout = RunLayout.of(parse_config(cfg))
     steps = json.loads(open(layout.manifest).read())["steps"]
     assert steps["01-image/base"]["result"]["parameters"] > 0

@@ -302,15 +302,7 @@ def test_resumed_job_trains_exactly_as_an_uninterrupted_one(builtin_shards, tmp_
     from mera_ds.run.plan import Method, find_step, plan
     from mera_ds.train.recipe import run_job
     from mera_ds.train.runtime import DirCheckpointer
-    from tests.conftest import default_config
-
-    class Crash(Exception):
-        pass
-
-    class CrashingCheckpointer(DirCheckpointer):
-        def save(self, engine, step, metrics):
-            super().save(engine, step, metrics)
-            raise Crash(step)
+    from tests.conftest import Crash, crashing_checkpointer, default_config
 
     def spec_of(run):
         cfg = default_config(builtin_shards, tmp_path / run)
@@ -323,7 +315,7 @@ def test_resumed_job_trains_exactly_as_an_uninterrupted_one(builtin_shards, tmp_
     run_job(cfg, spec)
     cfg, resumed = spec_of("resumed")
     with pytest.raises(Crash):
-        run_job(cfg, resumed, CrashingCheckpointer(str(tmp_path / "state")), 2)
+        run_job(cfg, resumed, crashing_checkpointer(str(tmp_path / "state")), 2)
     metrics = run_job(cfg, resumed, DirCheckpointer(str(tmp_path / "state")), 2)
     assert metrics["resumed_at"] == 2
     a, b = hf_tensors(spec.export_llm), hf_tensors(resumed.export_llm)

@@ -83,10 +83,11 @@ def _created(ds_config: Optional[dict]):
 
 @torch.no_grad()
 def _fill(task_vectors: nn.Parameter, base: nn.Parameter, name: str, checkpoints) -> None:
-    """task_vectors[k] = theta_ft_k[name] - theta_0[name], one tensor gathered at a time."""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    """task_vectors[k] = theta_ft_k[name] - theta_0[name]: under ZeRO-3 rank 0 fills the
+    tensor gathered whole and every rank keeps its partition; replicated, every rank its own."""
+    partitioned = hasattr(base, "ds_id")
     with _gathered([task_vectors, base]):
-        if rank0:
+        if not partitioned or dist.get_rank() == 0:
             for k, ckpt in enumerate(checkpoints):
                 ft = ckpt.get(name).to(task_vectors.dtype)
                 if ft.shape != base.shape:
