@@ -9,6 +9,7 @@ alone (a single rank); the same code in all of them. Resumable state goes throug
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import math
 import os
@@ -85,8 +86,11 @@ def rank_addresses() -> list[str]:
 def shutdown_distributed() -> None:
     """Leave the process group together, at the end of a launcher's process: every rank waits for
     the others, then destroys it. A rank that exits while a peer still talks to it can be
-    aborted by gloo at exit ("terminate called without an active exception")."""
+    aborted by gloo at exit ("terminate called without an active exception"). The job's engine
+    (DeepSpeed's hooks keep it in reference cycles) is collected first, while the group is whole,
+    so that no object holding a process group is left for the interpreter's teardown."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
