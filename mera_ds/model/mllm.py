@@ -233,13 +233,13 @@ class Collator:
                 positions[r, span] = torch.arange(len(ids))
                 start += len(ids)
                 k += 1
-        groups: dict[str, list[torch.Tensor]] = {}
+        groups: dict[str, list[dict]] = {}
         for s in samples:
-            groups.setdefault(s["modality"], []).append(self.encoders[s["modality"]].preprocess(s))
+            groups.setdefault(s["modality"], []).append(s)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
-            "inputs": {m: torch.stack(xs) for m, xs in groups.items()},
+            "inputs": {m: self.encoders[m].preprocess_batch(ss) for m, ss in groups.items()},
             "modalities": [s["modality"] for s in samples],
             "answers": [s["answer"] for s in samples],
             "keys": [s.get("__key__", "?") for s in samples],
