@@ -242,7 +242,10 @@ class DepthEncoder(ClipVisionEncoder):
 
 class WhisperAudioEncoder(Encoder):
     """A Whisper encoder over log-mel features of the clip (padded or cut to the encoder's
-    window), its output frames average-pooled in time to `num_tokens` tokens."""
+    window), its output frames average-pooled in time to `num_tokens` tokens. The features are
+    those of the checkpoint's WhisperFeatureExtractor (its settings and mel filters), computed
+    as its torch path computes them, op for op, but without its per-call wrapping and with a
+    cheaper |STFT|: the same values, bit for bit (tests compare), in about half the time."""
 
     input_kind = "audio"
 
@@ -271,13 +274,32 @@ class WhisperAudioEncoder(Encoder):
                 self.features = WhisperFeatureExtractor.from_pretrained(path)
         self.num_tokens = num_tokens
         self.out_dim = self.model.config.d_model
+        # Plain tensors, not buffers: features are made in the loader, on the CPU.
+        self.window = torch.hann_window(self.features.n_fft)
+        self.mel = torch.from_numpy(self.features.mel_filters).to(torch.float32)
 
     def _preprocess_batch(self, samples: list[dict]) -> torch.Tensor:
-        # One call for the batch: the extractor's STFT and mel projection run batched in torch.
-        feats = self.features([self._wave(s) for s in samples],
-                              sampling_rate=self.features.sampling_rate,
-                              return_tensors="np")["input_features"]
-        return torch.from_numpy(feats)
+        return self.log_mel([self._wave(s) for s in samples])
+
+    def log_mel(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """(B, feature_size, frames): what `self.features(waves)` gives (see the class)."""
+        f = self.features
+        x = np.full((len(waves), f.n_samples), f.padding_value, dtype=np.float32)
+        for row, wav in zip(x, waves):  # padded or cut to the window
+            row[:min(len(wav), f.n_samples)] = wav[:f.n_samples]
+        x = torch.from_numpy(x)
+        if f.dither:
+            x += f.dither * torch.randn(x.shape)
+        stft = torch.stft(x, f.n_fft, f.hop_length, window=self.window, return_complex=True)
+        # The extractor's |frames| ** 2. torch's abs of a complex tensor is this hypot of its
+        # parts, made 3x slower by a complex temporary; the parts are sliced as the extractor
+        # slices the frames, so that each element goes through the same (vectorised or scalar)
+        # code and rounds the same.
+        magnitudes = torch.hypot(stft.real.contiguous()[..., :-1],
+                                 stft.imag.contiguous()[..., :-1]) ** 2
+        log_spec = torch.clamp(self.mel.T @ magnitudes.contiguous(), min=1e-10).log10()
+        top = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
+        return (torch.maximum(log_spec, top - 8.0) + 4.0) / 4.0
 
     def _wave(self, sample: dict) -> np.ndarray:
         """The sample's audio: mono, at the extractor's sampling rate."""
