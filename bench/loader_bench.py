@@ -11,7 +11,8 @@ Three paths over the same samples, alternated in each repeat:
 - `mera decode`: `read_samples` (mera's tar reader and `decode_sample`): the peer of the above;
 - `mera train`: the training loader as a finetune job builds it (`make_loader`: resampled
   shards, a shuffle buffer of 256, the `Collator` tokenizing and packing micro-batches for the
-  embedded default's tiny LLM), i.e. what a training step receives.
+  embedded default's tiny LLM), i.e. what a training step receives; in this process, or with
+  --loader-workers N in N DataLoader worker processes (data.loader_workers).
 
     .venv/bin/python -m bench.loader_bench                     # 8000 images, 1000 per shard
     .venv/bin/python -m bench.loader_bench --modality audio --samples 2000 --samples-per-shard 250
@@ -73,14 +74,16 @@ def mera_decode_samples(pattern: str) -> Iterator[dict]:
     return read_samples(pattern)
 
 
-def mera_train_batches(pattern: str, collate: Callable, batch_size: int, samples: int
-                       ) -> Iterator[dict]:
+def mera_train_batches(pattern: str, collate: Callable, batch_size: int, samples: int,
+                       workers: int = 0) -> Iterator[dict]:
     """The micro-batches a finetune job of `samples // batch_size` steps receives (its
-    setup_data with the config's defaults: one process, a shuffle buffer of 256)."""
+    setup_data with the config's defaults: a shuffle buffer of 256, `workers` DataLoader
+    workers, by default none: all in this process)."""
     from mera_ds.data.loader import make_loader
 
     return iter(make_loader(pattern, batch_size=batch_size, collate_fn=collate,
-                            num_steps=samples // batch_size, seed=0, shuffle_buffer=256))
+                            num_steps=samples // batch_size, seed=0, shuffle_buffer=256,
+                            num_workers=workers))
 
 
 def batch_samples(batch: dict) -> int:
@@ -88,14 +91,14 @@ def batch_samples(batch: dict) -> int:
     return sum(len(x) for x in batch["inputs"].values())
 
 
-def paths(pattern: str, urls: list[str], collate: Callable, batch_size: int, samples: int
-          ) -> dict[str, Callable[[], int]]:
+def paths(pattern: str, urls: list[str], collate: Callable, batch_size: int, samples: int,
+          workers: int = 0) -> dict[str, Callable[[], int]]:
     """{path name: a function reading all of it and returning how many samples it saw}."""
     runs = {
         "webdataset": lambda: sum(1 for _ in wds_samples(urls)),
         "mera decode": lambda: sum(1 for _ in mera_decode_samples(pattern)),
-        "mera train": lambda: sum(batch_samples(b) for b in
-                                  mera_train_batches(pattern, collate, batch_size, samples)),
+        "mera train": lambda: sum(batch_samples(b) for b in mera_train_batches(
+            pattern, collate, batch_size, samples, workers)),
     }
     if pattern.startswith("s3://"):
         wds.gopen_schemes["s3"] = _fsspec_gopen
@@ -105,8 +108,8 @@ def paths(pattern: str, urls: list[str], collate: Callable, batch_size: int, sam
     return {name: runs[name] for name in PATHS if name in runs}
 
 
-def measure(pattern: str, collate: Callable, batch_size: int, samples: int, repeats: int
-            ) -> dict[str, dict]:
+def measure(pattern: str, collate: Callable, batch_size: int, samples: int, repeats: int,
+            workers: int = 0) -> dict[str, dict]:
     """{path: {"rates": samples/s of each repeat, "samples": samples seen}}; the paths alternate
     within each repeat, so that a load coming and going hits them all. A first round is not
     timed: it makes each path's S3 client (mera's has its own retry settings) and warms the
@@ -114,7 +117,7 @@ def measure(pattern: str, collate: Callable, batch_size: int, samples: int, repe
     from mera_ds.data.tar import expand_shards
 
     urls = expand_shards(pattern)
-    runs = paths(pattern, urls, collate, batch_size, samples)
+    runs = paths(pattern, urls, collate, batch_size, samples, workers)
     out = {name: {"rates": [], "samples": None} for name in runs}
     for repeat in range(repeats + 1):
         for name, run in runs.items():
@@ -208,6 +211,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8000)
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch of `mera train`")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader worker processes of `mera train` (default: none)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-s3", action="store_true", help="local shards only")
     p.add_argument("--json", help="also write the figures to this file")
@@ -223,14 +228,15 @@ def main() -> None:
                       os.scandir(os.path.join(root, args.modality))) / 1e6
         collate = collator(args.modality)
         print(f"{args.samples} {args.modality} samples in {pattern}; {os.cpu_count()} CPUs; "
+              f"mera train with {args.loader_workers} loader workers; "
               f"cores free for 2 processes before: {parallelism():.2f}")
-        figures = {"local": report("local", measure(pattern, collate, args.batch_size,
-                                                    args.samples, args.repeats), size_mb)}
+        settings = (collate, args.batch_size, args.samples, args.repeats, args.loader_workers)
+        figures = {"local": report("local", measure(pattern, *settings), size_mb)}
         if not args.no_s3:
             with s3_server():
                 s3_pattern = upload(pattern, root, "loader-bench")
-                figures["s3"] = report("S3 (moto on 127.0.0.1)", measure(
-                    s3_pattern, collate, args.batch_size, args.samples, args.repeats), size_mb)
+                figures["s3"] = report("S3 (moto on 127.0.0.1)", measure(s3_pattern, *settings),
+                                       size_mb)
         print(f"\ncores free for 2 processes after: {parallelism():.2f}")
         if args.json:
             with open(args.json, "w") as f:

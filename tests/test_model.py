@@ -351,7 +351,7 @@ def test_pretrained_encoders_from_path(tmp_path):
     assert (enc.num_tokens, enc.out_dim) == (2, 32)
     assert torch.equal(enc.model.conv1.weight, whisper.model.encoder.conv1.weight)
     wav = sample("audio", np.random.default_rng(0))
-    assert torch.allclose(enc.preprocess(wav), torch.as_tensor(
+    assert torch.equal(enc.preprocess(wav), torch.as_tensor(  # its own log-mel: the same
         fe(wav["input"], sampling_rate=16000, return_tensors="np")["input_features"][0]))
 
 
@@ -445,6 +445,86 @@ def test_collator_truncation():
         Collator(tiny, train=True)(samples)
     with pytest.raises(MeraError, match="modality 'audio' has no encoder"):
         Collator(short, train=True)([sample("audio", np.random.default_rng(0))])
+
+
+def reference_batch(mllm, samples, train, pack):
+    """What the Collator gives, made the plain way: each text tokenized by calling the
+    tokenizer, each input preprocessed alone (audio: by the WhisperFeatureExtractor), the batch
+    tensors filled in sample by sample."""
+    ref = Collator(mllm, train=train, pack=pack)
+    tok = mllm.tokenizer
+    ref.template.encode = lambda texts: [tok(t, add_special_tokens=False)["input_ids"]
+                                         for t in texts]
+    encoded = [ref.encode(s) for s in samples]
+    rows = ref._pack(encoded) if pack else [[i] for i in range(len(samples))]
+    width = max(sum(len(encoded[i][0]) for i in row) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), width), tok.pad_token_id),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+             "labels": torch.full((len(rows), width), -100),
+             "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
+    inputs, order = {}, [i for row in rows for i in row]
+    for r, row in enumerate(rows):
+        start = 0 if train else width - sum(len(encoded[i][0]) for i in row)
+        for i in row:
+            ids, labels = encoded[i]
+            span = slice(start, start + len(ids))
+            batch["input_ids"][r, span] = torch.tensor(ids)
+            batch["attention_mask"][r, span] = 1
+            batch["labels"][r, span] = torch.tensor(labels)
+            batch["position_ids"][r, span] = torch.arange(len(ids))
+            start += len(ids)
+    for i in order:
+        s, enc = samples[i], mllm.encoders[samples[i]["modality"]]
+        x = enc.preprocess(s) if s["modality"] != "audio" else torch.from_numpy(enc.features(
+            enc._wave(s), sampling_rate=16000, return_tensors="np")["input_features"][0])
+        inputs.setdefault(s["modality"], []).append(x)
+    batch["inputs"] = {m: torch.stack(xs) for m, xs in inputs.items()}
+    for key, field in (("modalities", "modality"), ("answers", "answer"), ("keys", "__key__")):
+        batch[key] = [samples[i][field] for i in order]
+    batch["num_tokens"] = int(batch["attention_mask"].sum())
+    if not train:
+        del batch["labels"]
+    del batch["attention_mask" if pack else "position_ids"]
+    return batch
+
+
+@pytest.mark.parametrize("llm", ["tiny", "chat template"])
+def test_collator_matches_the_plain_way(llm, tmp_path):
+    """The Collator's batches are, bit for bit, the reference's, on every modality, with inputs
+    of other shapes, rates and channels, several turns, truncation, packing and generation."""
+    from tests.hf_models import save_llama
+
+    # max_length: the 4-turn sample loses its last 2 turns in training, the long one its end
+    llm = {"path": save_llama(str(tmp_path / "llm")), "max_length": 86} \
+        if llm == "chat template" else {"max_length": 60}
+    mllm = build_mllm(run_config(["image", "video", "audio", "depth"], **llm))
+    rng = np.random.default_rng(5)
+    plain = [sample(m, rng, i=i) for i, m in enumerate(["image", "video", "audio", "depth"] * 2)]
+    odd = [sample(m, rng, i=10 + i) for i, m in enumerate(["image"] * 2 + ["audio"] * 3)]
+    odd[0]["input"] = np.resize(odd[0]["input"], (48, 40))  # resized, then cropped
+    odd[1]["input"] = np.stack([odd[1]["input"]] * 3, axis=-1)  # RGB
+    odd[2].update(input=odd[2]["input"][::2].copy(), sample_rate=8000)  # resampled
+    odd[3]["input"] = np.stack([odd[3]["input"][:5000]] * 2, axis=-1)  # short, stereo
+    odd[4]["input"] = np.concatenate([odd[4]["input"]] * 2)  # longer than the window: cut
+    turns = [{"role": "user", "content": "what digit is shown in the image ?"},
+             {"role": "assistant", "content": "seven"},
+             {"role": "user", "content": "which way does it move ? " * 4},
+             {"role": "assistant", "content": "left up"}]
+    odd.append({**sample("image", rng, i=20), "messages": turns})  # its last turns cut
+    odd.append({**sample("depth", rng, i=21), "instruction": "what shape is shown ? " * 9})
+    images = [sample("image", rng, i=30 + i) for i in range(8)]  # one pixel batch
+    for samples in (plain, odd, images):
+        for train, pack in ((True, False), (True, True), (False, False)):
+            batch = Collator(mllm, train=train, pack=pack)(samples)
+            expected = reference_batch(mllm, samples, train, pack)
+            assert set(batch) == set(expected)
+            assert list(batch["inputs"]) == list(expected["inputs"])
+            for key, value in [*batch.items(), *batch["inputs"].items()]:
+                want = expected[key] if key in expected else expected["inputs"][key]
+                if torch.is_tensor(value):
+                    assert value.dtype == want.dtype and torch.equal(value, want), (key, pack)
+                elif key != "inputs":
+                    assert value == want, (key, pack)
 
 
 # ---- forward/backward: what trains in each phase -----------------------------------------------

@@ -11,7 +11,8 @@ from mera_ds.config import parse_config
 from mera_ds.data.decode import decode_sample
 from mera_ds.data.tar import CorruptDataError
 from mera_ds.model.mllm import IGNORE, Collator, build_mllm
-from mera_ds.model.tiny import PLACEHOLDER
+from mera_ds.model.prompt import text_ids
+from mera_ds.model.tiny import PLACEHOLDER, tiny_tokenizer
 from tests.hf_models import save_llama
 
 MESSAGES = [{"role": "user", "content": "what digit is shown ?"},
@@ -113,6 +114,23 @@ def test_placeholder_in_text_is_refused(chat_mllm):
     bad = [{"role": "user", "content": f"look {PLACEHOLDER}"}, MESSAGES[1]]
     with pytest.raises(Exception, match=f"s0: a message contains {PLACEHOLDER}"):
         Collator(chat_mllm, train=True)([image_sample(bad)])
+
+
+def test_text_ids_are_the_tokenizers(chat_mllm):
+    """text_ids calls a fast tokenizer's backend directly, with the settings a call through
+    transformers would use, whatever an earlier call left set on it."""
+    texts = ["", " ", "user :", " what digit is shown in the image ?", "  two  spaces", "UPPER ?",
+             f"{PLACEHOLDER}{PLACEHOLDER}\nhi", "</s> inside", "é ü 😀", "<|user|>\nq<|end|>\n"]
+    for tok in (tiny_tokenizer(), chat_mllm.tokenizer):
+        encode = text_ids(tok)
+        assert encode(texts) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        tok(texts, truncation=True, max_length=2, padding="max_length")  # left set on it
+        assert encode(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+        tok.split_special_tokens = True
+        try:
+            assert encode(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+        finally:
+            tok.split_special_tokens = False
 
 
 def _raw(meta):

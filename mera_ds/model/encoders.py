@@ -1,8 +1,9 @@
 """Frozen modality encoders: a decoded sample -> a fixed number of feature tokens.
 
-Each encoder turns one decoded sample (docs/DATA.md) into a fixed-shape tensor with
-`preprocess`, and a batch of those into (B, num_tokens, out_dim) features with `forward`. Encoders are never trained:
-parameters are frozen, the module stays in eval mode, and forward runs without autograd.
+Each encoder turns decoded samples (docs/DATA.md) into a batch of fixed-shape tensors with
+`preprocess_batch` (`preprocess`: one sample), and a batch of those into (B, num_tokens, out_dim)
+features with `forward`. Encoders are never trained: parameters are frozen, the module stays in
+eval mode, and forward runs without autograd.
 
 Built-in tiny encoders (path unset) are random towers seeded from the modality name, so every
 process builds the same weights; with `path` set, the tower and its processor config come from
@@ -42,11 +43,20 @@ class Encoder(nn.Module):
         return super().train(False)
 
     def preprocess(self, sample: dict) -> torch.Tensor:
-        kind = sample.get("input_kind")
-        if kind != self.input_kind:
-            raise MeraError(f"sample {sample.get('__key__', '?')}: modality {self.modality!r} "
-                            f"expects input_kind {self.input_kind!r}, got {kind!r}")
-        return self._preprocess(sample)
+        return self.preprocess_batch([sample])[0]
+
+    def preprocess_batch(self, samples: list[dict]) -> torch.Tensor:
+        """The samples' inputs, stacked: (B, ...)."""
+        for sample in samples:
+            kind = sample.get("input_kind")
+            if kind != self.input_kind:
+                raise MeraError(f"sample {sample.get('__key__', '?')}: modality "
+                                f"{self.modality!r} expects input_kind {self.input_kind!r}, "
+                                f"got {kind!r}")
+        return self._preprocess_batch(samples)
+
+    def _preprocess_batch(self, samples: list[dict]) -> torch.Tensor:
+        return torch.stack([self._preprocess(s) for s in samples])
 
     def _preprocess(self, sample: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -89,35 +99,42 @@ class VisionTower(nn.Module):
             self.resize = size.get("shortest_edge") or size["height"]
             self.crop = self.resize if siglip else dict(proc.crop_size)["height"]
             self.mean, self.std = tuple(proc.image_mean), tuple(proc.image_std)
+        # Plain tensors, not buffers: pixels run in the loader, on the CPU, wherever the model is.
+        self._mean, self._std = (torch.tensor(v).view(3, 1, 1) for v in (self.mean, self.std))
         config = self.model.config
         self.squash = siglip  # resize to the square as it is, else the short side, then crop
         self.cls_tokens = 0 if siglip else 1
         self.grid = config.image_size // config.patch_size
         self.hidden = config.hidden_size
 
-    def pixels(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W) or (H, W, C) floats in [0, 1] -> normalised (3, crop, crop): resize the short
-        side, centre-crop, as CLIP's processor does (SigLIP's: resize to the square)."""
-        x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)
-        if x.ndim == 2:
+    def pixels(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W) or (B, H, W, C) floats in [0, 1] -> normalised (B, 3, crop, crop): resize
+        the short side, centre-crop, as CLIP's processor does (SigLIP's: resize to the square)."""
+        x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
+        if x.ndim == 3:
             x = x[..., None]
-        x = x.permute(2, 0, 1)
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        elif x.shape[0] == 4:  # RGBA: drop alpha
-            x = x[:3]
-        h, w = x.shape[1:]
+        x = x.permute(0, 3, 1, 2)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 4:  # RGBA: drop alpha
+            x = x[:, :3]
+        h, w = x.shape[2:]
         scale = self.resize / min(h, w)
         size = (self.crop, self.crop) if self.squash else \
             (max(self.crop, round(h * scale)), max(self.crop, round(w * scale)))
         if size != (h, w):
-            x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True,
-                              align_corners=False)[0].clamp(0, 1)
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True,
+                              align_corners=False).clamp(0, 1)
         top, left = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
-        x = x[:, top:top + self.crop, left:left + self.crop]
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        x = x[:, :, top:top + self.crop, left:left + self.crop]
+        return (x - self._mean) / self._std
+
+    def pixels_of(self, images: list[np.ndarray]) -> torch.Tensor:
+        """`pixels` of images of any shapes: in one batch where they all have the same shape (the
+        usual case: on small images the cost of each torch call is most of the time)."""
+        if len({x.shape for x in images}) == 1:
+            return self.pixels(np.stack(images))
+        return torch.cat([self.pixels(x[None]) for x in images])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, grid*grid, hidden)."""
@@ -146,12 +163,16 @@ class ClipVisionEncoder(Encoder):
         self.num_tokens = self.tower.grid ** 2
         self.out_dim = self.tower.hidden
 
-    def _preprocess(self, sample: dict) -> torch.Tensor:
+    def _preprocess_batch(self, samples: list[dict]) -> torch.Tensor:
+        return self.tower.pixels_of([self._image(s) for s in samples])
+
+    def _image(self, sample: dict) -> np.ndarray:
+        """The sample's image as floats in [0, 1], (H, W) or (H, W, C)."""
         x = np.asarray(sample["input"])
         if x.ndim not in (2, 3):
             raise MeraError(f"sample {sample.get('__key__', '?')}: image of shape {x.shape}, "
                             "expected (H, W) or (H, W, C)")
-        return self.tower.pixels(_image01(sample))
+        return _image01(sample)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +205,7 @@ class VideoEncoder(Encoder):
             raise MeraError(f"sample {sample.get('__key__', '?')}: video of shape {x.shape}, "
                             "expected (T, H, W) or (T, H, W, C)")
         idx = np.linspace(0, x.shape[0] - 1, self.num_frames).round().astype(int)
-        frames = _image01({"input": x[idx]})
-        return torch.stack([self.tower.pixels(f) for f in frames])
+        return self.tower.pixels(_image01({"input": x[idx]}))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +227,7 @@ class DepthEncoder(ClipVisionEncoder):
 
     input_kind = "depth"
 
-    def _preprocess(self, sample: dict) -> torch.Tensor:
+    def _image(self, sample: dict) -> np.ndarray:
         d = np.asarray(sample["input"], dtype=np.float32)
         if d.ndim != 2:
             raise MeraError(f"sample {sample.get('__key__', '?')}: depth map of shape {d.shape}, "
@@ -217,13 +237,15 @@ class DepthEncoder(ClipVisionEncoder):
             raise MeraError(f"sample {sample.get('__key__', '?')}: depth map has no finite value")
         far, near = d[finite].max(), d[finite].min()
         d = np.where(finite, d, far)
-        x = (far - d) / (far - near) if far > near else np.zeros_like(d)
-        return self.tower.pixels(x)
+        return (far - d) / (far - near) if far > near else np.zeros_like(d)
 
 
 class WhisperAudioEncoder(Encoder):
     """A Whisper encoder over log-mel features of the clip (padded or cut to the encoder's
-    window), its output frames average-pooled in time to `num_tokens` tokens."""
+    window), its output frames average-pooled in time to `num_tokens` tokens. The features are
+    those of the checkpoint's WhisperFeatureExtractor (its settings and mel filters), computed
+    as its torch path computes them, op for op, but without its per-call wrapping and with a
+    cheaper |STFT|: the same values, bit for bit (tests compare), in about half the time."""
 
     input_kind = "audio"
 
@@ -252,8 +274,35 @@ class WhisperAudioEncoder(Encoder):
                 self.features = WhisperFeatureExtractor.from_pretrained(path)
         self.num_tokens = num_tokens
         self.out_dim = self.model.config.d_model
+        # Plain tensors, not buffers: features are made in the loader, on the CPU.
+        self.window = torch.hann_window(self.features.n_fft)
+        self.mel = torch.from_numpy(self.features.mel_filters).to(torch.float32)
 
-    def _preprocess(self, sample: dict) -> torch.Tensor:
+    def _preprocess_batch(self, samples: list[dict]) -> torch.Tensor:
+        return self.log_mel([self._wave(s) for s in samples])
+
+    def log_mel(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """(B, feature_size, frames): what `self.features(waves)` gives (see the class)."""
+        f = self.features
+        x = np.full((len(waves), f.n_samples), f.padding_value, dtype=np.float32)
+        for row, wav in zip(x, waves):  # padded or cut to the window
+            row[:min(len(wav), f.n_samples)] = wav[:f.n_samples]
+        x = torch.from_numpy(x)
+        if f.dither:
+            x += f.dither * torch.randn(x.shape)
+        stft = torch.stft(x, f.n_fft, f.hop_length, window=self.window, return_complex=True)
+        # The extractor's |frames| ** 2. torch's abs of a complex tensor is this hypot of its
+        # parts, made 3x slower by a complex temporary; the parts are sliced as the extractor
+        # slices the frames, so that each element goes through the same (vectorised or scalar)
+        # code and rounds the same.
+        magnitudes = torch.hypot(stft.real.contiguous()[..., :-1],
+                                 stft.imag.contiguous()[..., :-1]) ** 2
+        log_spec = torch.clamp(self.mel.T @ magnitudes.contiguous(), min=1e-10).log10()
+        top = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
+        return (torch.maximum(log_spec, top - 8.0) + 4.0) / 4.0
+
+    def _wave(self, sample: dict) -> np.ndarray:
+        """The sample's audio: mono, at the extractor's sampling rate."""
         wav = np.asarray(sample["input"], dtype=np.float32)
         if wav.ndim == 2:  # (n, channels) -> mono
             wav = wav.mean(axis=1)
@@ -265,8 +314,7 @@ class WhisperAudioEncoder(Encoder):
         if sr != target:  # linear resampling is enough for a 16 kHz encoder window
             n = int(round(len(wav) * target / sr))
             wav = np.interp(np.arange(n) * sr / target, np.arange(len(wav)), wav).astype(np.float32)
-        feats = self.features(wav, sampling_rate=target, return_tensors="np")["input_features"]
-        return torch.from_numpy(feats[0])
+        return wav
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -211,46 +211,40 @@ class Collator:
             raise ValueError("Collator: empty batch")
         encoded = [self.encode(s) for s in samples]
         rows = self._pack(encoded) if self.pack else [[i] for i in range(len(samples))]
-        lengths = [sum(len(encoded[i][0]) for i in row) for row in rows]
+        ids = [x for x, _ in encoded]
+        width = max(sum(len(ids[i]) for i in row) for row in rows)
         # Samples in layout order: the placeholder blocks appear in this order in input_ids.
-        order = [i for row in rows for i in row]
-        samples, encoded = [samples[i] for i in order], [encoded[i] for i in order]
-        width = max(lengths)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        k = 0
-        for r, row in enumerate(rows):
-            start = 0 if self.train else width - lengths[r]
-            for _ in row:
-                ids, lab = encoded[k]
-                span = slice(start, start + len(ids))
-                input_ids[r, span] = torch.tensor(ids)
-                attention[r, span] = 1
-                labels[r, span] = torch.tensor(lab)
-                positions[r, span] = torch.arange(len(ids))
-                start += len(ids)
-                k += 1
-        groups: dict[str, list[torch.Tensor]] = {}
+        samples = [samples[i] for row in rows for i in row]
+        batch = {"input_ids": self._rows(rows, width, ids, self.tokenizer.pad_token_id)}
+        if not self.pack:  # packed rows get position_ids instead
+            batch["attention_mask"] = self._rows(rows, width, [[1] * len(x) for x in ids], 0)
+        groups: dict[str, list[dict]] = {}
         for s in samples:
-            groups.setdefault(s["modality"], []).append(self.encoders[s["modality"]].preprocess(s))
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "inputs": {m: torch.stack(xs) for m, xs in groups.items()},
+            groups.setdefault(s["modality"], []).append(s)
+        batch.update({
+            "inputs": {m: self.encoders[m].preprocess_batch(ss) for m, ss in groups.items()},
             "modalities": [s["modality"] for s in samples],
             "answers": [s["answer"] for s in samples],
             "keys": [s.get("__key__", "?") for s in samples],
-            "num_tokens": int(attention.sum()),  # non-padding tokens, for throughput
-        }
+            "num_tokens": sum(len(x) for x in ids),  # non-padding tokens, for throughput
+        })
         if self.train:
-            batch["labels"] = labels
+            batch["labels"] = self._rows(rows, width, [labels for _, labels in encoded], IGNORE)
         if self.pack:
-            del batch["attention_mask"]
-            batch["position_ids"] = positions
+            batch["position_ids"] = self._rows(rows, width, [list(range(len(x))) for x in ids], 0)
         return batch
+
+    def _rows(self, rows: list[list[int]], width: int, values: list[list[int]], pad: int
+              ) -> torch.Tensor:
+        """(len(rows), width): each row the values of its samples, one after the other, padded
+        with `pad` on the right (training) or the left (generation). Made as lists and turned
+        into a tensor in one call: a tensor per sample costs more than the values it holds."""
+        out = []
+        for row in rows:
+            flat = [v for i in row for v in values[i]]
+            fill = [pad] * (width - len(flat))
+            out.append(flat + fill if self.train else fill + flat)
+        return torch.tensor(out, dtype=torch.long)
 
     def _pack(self, encoded: list[tuple[list[int], list[int]]]) -> list[list[int]]:
         """First-fit decreasing of sample lengths into rows of max_length tokens."""

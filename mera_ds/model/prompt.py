@@ -13,10 +13,41 @@ LLM was trained with; or, for a tokenizer without one (the built-in tiny LLM), a
 """
 from __future__ import annotations
 
+from typing import Callable
+
+from transformers import PreTrainedTokenizerFast
+
 from mera_ds.errors import MeraError
 from mera_ds.model.tiny import PLACEHOLDER
 
 Pieces = list[tuple[list[int], bool]]  # (token ids, labelled), in order
+TextIds = Callable[[list[str]], list[list[int]]]  # texts -> the token ids of each
+
+
+def text_ids(tokenizer) -> TextIds:
+    """What `tokenizer(texts, add_special_tokens=False)["input_ids"]` gives, for less. A fast
+    tokenizer whose class tokenizes as transformers' own does is called in its Rust backend,
+    set up as that call sets it up: its wrapping (argument checks, truncation and padding
+    settings, BatchEncoding) costs more than tokenizing a short text."""
+    cls = type(tokenizer)
+    if not (isinstance(tokenizer, PreTrainedTokenizerFast)
+            and cls.__call__ is PreTrainedTokenizerFast.__call__
+            and cls._encode_plus is PreTrainedTokenizerFast._encode_plus):
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend = tokenizer.backend_tokenizer
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # Checked on every call, as transformers does: a call elsewhere may have changed them.
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        backend.encode_special_tokens = tokenizer.split_special_tokens
+        # One text at a time: encode_batch would hand a few short texts to a thread pool, for
+        # no gain, on the cores the training step needs.
+        return [backend.encode(text, add_special_tokens=False).ids for text in texts]
+
+    return encode
 
 
 def conversation(sample: dict) -> list[dict[str, str]]:
@@ -30,32 +61,29 @@ def conversation(sample: dict) -> list[dict[str, str]]:
 class PlainTemplate:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.encode = text_ids(tokenizer)
         # What the tokenizer adds in front of a text (bos for Llama-style tokenizers).
         self.prefix = tokenizer("", add_special_tokens=True)["input_ids"]
-        self.user = self.ids("user :")
-        self.tail = self.ids(" assistant :")
-
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # The template's own words, tokenized once.
+        self.user, self.tail = self.encode(["user :", " assistant :"])
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+        self.eos_id = tokenizer.eos_token_id
 
     def content_ids(self, content: str) -> list[int]:
         """The tokens a user turn's text takes (what truncation cuts)."""
-        return self.ids(" " + content)
+        return self.encode([" " + content])[0]
 
     def pieces(self, messages: list[dict[str, str]], media: int) -> Pieces:
+        texts = self.encode([" " + m["content"] for m in messages])
         out = []
-        for i, m in enumerate(messages):
+        for i, (m, ids) in enumerate(zip(messages, texts)):
             if m["role"] == "user":
                 head = self.prefix + self.user + [self.placeholder_id] * media if i == 0 \
                     else self.user
-                out.append((head + self.content_ids(m["content"]) + self.tail, False))
+                out.append((head + ids + self.tail, False))
             else:
-                out.append((self.ids(" " + m["content"]) + [self.tokenizer.eos_token_id], True))
+                out.append((ids + [self.eos_id], True))
         return out
-
-    @property
-    def placeholder_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
 
 
 class ChatTemplate(PlainTemplate):
@@ -64,13 +92,13 @@ class ChatTemplate(PlainTemplate):
     ends where the answer starts), an assistant turn with its end-of-turn tokens."""
 
     def content_ids(self, content: str) -> list[int]:
-        return self.ids(content)
+        return self.encode([content])[0]
 
     def pieces(self, messages: list[dict[str, str]], media: int) -> Pieces:
         first = messages[0]
         messages = [{**first, "content": PLACEHOLDER * media + "\n" + first["content"]},
                     *messages[1:]]
-        out, done = [], ""
+        texts, done = [], ""
         for k, m in enumerate(messages):
             text = self.tokenizer.apply_chat_template(
                 messages[:k + 1], tokenize=False, add_generation_prompt=m["role"] == "user")
@@ -78,9 +106,10 @@ class ChatTemplate(PlainTemplate):
                 raise MeraError("the tokenizer's chat template renders a conversation differently "
                                 "once a turn follows (it is not a growing prefix); mera-ds cannot "
                                 "tell which tokens are the answers")
-            out.append((self.ids(text[len(done):]), m["role"] == "assistant"))
+            texts.append(text[len(done):])
             done = text
-        return out
+        return [(ids, m["role"] == "assistant")
+                for ids, m in zip(self.encode(texts), messages)]
 
 
 def template_for(tokenizer) -> PlainTemplate:
