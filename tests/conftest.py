@@ -8,12 +8,22 @@ import subprocess
 import sys
 import time
 import uuid
+from unittest import mock
 
 import pytest
 import yaml
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def own_environment():
+    """Each test gets the environment back as it found it: a job run in the test process sets
+    RANK, WORLD_SIZE and the like (init_distributed, as one process), and a subprocess started
+    by a later test with those and no MASTER_ADDR would look for MPI."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def mera_env(**extra) -> dict:
