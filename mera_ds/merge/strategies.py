@@ -2,9 +2,9 @@
 
 STRATEGIES is the one registry: the run config validates `stages.merge.strategy` against it, and
 `mera merge --strategy` takes its choices and help from it. A new strategy is a subclass with a
-`name`, a `summary` and `merge`, added to STRATEGIES; its settings are fields of
-config.MergeConfig (read here as `cfg.<field>`; this module imports no config, so the config can
-import it).
+`name`, a `summary` and `merge` (and `check`, where it has settings per tensor), added to
+STRATEGIES; its settings are fields of config.MergeConfig (read here as `cfg.<field>`; this
+module imports no config, so the config can import it).
 
 - mera: prev + sum_k (ft_k - prev) / i, step i >= 2: with prev = theta_{i-1} and one fine-tuned
   model, the paper's Eq. 4.1; with prev = theta_0 and the i fine-tuned models of stages 1..i (a
