@@ -44,12 +44,14 @@ def init_distributed(cfg: RunConfig) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Under Ray Train the torch process group exists already (TorchConfig set its timeout);
     # deepspeed.init_distributed then only wraps it, which DeepSpeed needs to see the world size.
-    if not dist.is_initialized() and "RANK" not in os.environ:
+    if "RANK" not in os.environ and (not dist.is_initialized() or dist.get_world_size() == 1):
         # One process, no launcher: an in-memory store, so nothing listens on a port (a TCPStore
-        # would listen on every interface, unauthenticated).
+        # would listen on every interface, unauthenticated). DeepSpeed reads the variables, also
+        # in a later job of the same process whose environment was reset.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     if cfg.cluster.use_gpu:
         # Fail fast on NCCL timeouts instead of leaving ranks blocked in a kernel.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
