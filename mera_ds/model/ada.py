@@ -86,7 +86,7 @@ def _fill(task_vectors: nn.Parameter, base: nn.Parameter, name: str, checkpoints
     """task_vectors[k] = theta_ft_k[name] - theta_0[name]: under ZeRO-3 rank 0 fills the
     tensor gathered whole and every rank keeps its partition; replicated, every rank its own."""
     partitioned = hasattr(base, "ds_id")
-    with _gathered([task_vectors, base]):
+    with _gathered([base], modify=False), _gathered([task_vectors]):
         if not partitioned or dist.get_rank() == 0:
             for k, ckpt in enumerate(checkpoints):
                 ft = ckpt.get(name).to(task_vectors.dtype)
