@@ -17,7 +17,19 @@ def register(subparsers) -> None:
     synth.add_argument("--train-per-modality", type=int, default=2000)
     synth.add_argument("--eval-per-modality", type=int, default=200)
     synth.add_argument("--samples-per-shard", type=int, default=500)
+    synth.add_argument("--tasks", default="classify", choices=["classify", "compositional"],
+                       help="the task set: classify (one-word answers, the embedded default's) "
+                            "or compositional (multi-attribute answers, the MCL benchmark's)")
     synth.set_defaults(func=_synth)
+
+    base = sub.add_parser(
+        "base", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="pretrain the MCL benchmark's base LLM (tiny Llama, BPE tokenizer) on generated "
+             "text covering the compositional tasks' words")
+    base.add_argument("--out", required=True, help="HF directory to write (local or s3://)")
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--steps", type=int, default=1000)
+    base.set_defaults(func=_base)
 
     inspect = sub.add_parser("inspect", help="count the shards, samples, fields and modalities "
                                              "of a shard pattern")
@@ -63,10 +75,20 @@ def _synth(args: argparse.Namespace) -> int:
     patterns = synth_dataset(args.out, seed=args.seed,
                              train_per_modality=args.train_per_modality,
                              eval_per_modality=args.eval_per_modality,
-                             samples_per_shard=args.samples_per_shard)
+                             samples_per_shard=args.samples_per_shard, tasks=args.tasks)
     for modality, splits in patterns.items():
         for split, pattern in splits.items():
             print(f"{modality:<6} {split:<5} {pattern}")
+    return 0
+
+
+def _base(args: argparse.Namespace) -> int:
+    from mera_ds.model.base import pretrain_base
+
+    about = pretrain_base(args.out, seed=args.seed, steps=args.steps)
+    print(f"{args.out}: vocabulary {about['vocab_size']}, held-out perplexity "
+          f"{about['heldout_perplexity']:.2f} (untrained {about['heldout_perplexity_untrained']:.0f})"
+          f", {about['seconds']:.0f} s")
     return 0
 
 

@@ -1,4 +1,12 @@
-"""The built-in dataset: one small task per modality, answerable only from the input.
+"""The built-in datasets: one small task per modality, answerable only from the input, in two
+task sets (TASK_SETS):
+
+- `classify` (the embedded default's): a one-word answer out of 4-10 per modality;
+- `compositional` (the MCL benchmark's): open-ended answers that combine 2-3 attributes
+  ("a small seven at the top left", "a small digit moving left , fast", "a loud high do",
+  "a large cone , near"), with words shared across modalities (small, large, left, right, the
+  digits); every fifth combination of attribute values is held out of training and appears
+  only in eval, so neither a finetune nor a replay set covers the answer space.
 
 Nothing is downloaded: image and video use scikit-learn's bundled handwritten digits, audio is
 synthesised tones, depth is rendered shapes. Each task is learnable by a tiny model on a CPU in
@@ -7,6 +15,7 @@ minutes and generated in seconds; the same seed always gives byte-identical shar
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -25,26 +34,6 @@ SIZE = 32  # height and width of images, video frames and depth maps
 NUM_FRAMES = 4
 SAMPLE_RATE = 16000
 SPLITS = ("train", "eval")
-
-
-@dataclass(frozen=True)
-class Task:
-    instruction: str
-    answers: tuple[str, ...]  # answers[label]
-    input_kind: str
-
-
-TASKS = {
-    "image": Task("what digit is shown in the image ?",
-                  ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                   "nine"), "image"),
-    "video": Task("which way does the digit move in the video ?",
-                  ("left", "right", "up", "down"), "video"),
-    "audio": Task("which note is played in the audio ?",
-                  ("do", "re", "mi", "fa", "sol", "la", "ti"), "audio"),
-    "depth": Task("what shape is in the depth map ?",
-                  ("sphere", "cube", "cylinder", "cone"), "depth"),
-}
 
 
 # --- digits (image, video) ----------------------------------------------------------------------
@@ -79,37 +68,69 @@ def _to_uint8(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(x + rng.normal(0.0, 6.0, x.shape), 0, 255).round().astype(np.uint8)
 
 
-def _image(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    """A digit of 22..26 px, rotated up to 6 degrees, up to 2 px off centre: uint8 (32, 32)."""
-    size = int(rng.integers(22, 27))
-    digit = _resized_digit(rng, split, label, size, max_angle=6)
-    centre = (SIZE - size) // 2
-    y, x = np.clip(centre + rng.integers(-2, 3, size=2), 0, SIZE - size)
+def _digit_on_canvas(rng: np.random.Generator, split: str, digit: int, size: int,
+                     corner: tuple[int, int], jitter: int) -> np.ndarray:
+    """The digit, size x size, rotated up to 6 degrees, its top left corner at `corner` moved up
+    to `jitter` px and kept on the canvas: uint8 (32, 32)."""
+    img = _resized_digit(rng, split, digit, size, max_angle=6)
+    y, x = np.clip(np.asarray(corner) + rng.integers(-jitter, jitter + 1, size=2), 0, SIZE - size)
     canvas = np.zeros((SIZE, SIZE), np.float32)
-    canvas[y:y + size, x:x + size] = digit
+    canvas[y:y + size, x:x + size] = img
     return _to_uint8(canvas, rng)
+
+
+def _image(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """classify: the digit, 22..26 px, up to 2 px off centre."""
+    size = int(rng.integers(22, 27))
+    centre = (SIZE - size) // 2
+    return _digit_on_canvas(rng, split, c[0], size, (centre, centre), jitter=2)
+
+
+def _placed_image(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """compositional (size, digit, position): a small (9..11 px) or large (15..16 px) digit in
+    the middle of a quadrant (top left, top right, bottom left, bottom right), up to 1 px off."""
+    size_, digit, position = c
+    size = int(rng.integers(*((9, 12), (15, 17))[size_]))
+    row, col = divmod(position, 2)
+    half = SIZE // 2
+    corner = (row * half + half // 2 - size // 2, col * half + half // 2 - size // 2)
+    return _digit_on_canvas(rng, split, digit, size, corner, jitter=1)
 
 
 # (row, column) step of each answer: left, right, up, down
 _MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))
 
 
-def _video(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    """Any digit of 10..14 px crossing the canvas 3..4 px a frame: uint8 (4, 32, 32)."""
-    size = int(rng.integers(10, 15))
+def _moving_digit(rng: np.random.Generator, split: str, direction: int,
+                  sizes: tuple[int, int], steps: tuple[int, int]) -> np.ndarray:
+    """Any digit of a size in [sizes) crossing the canvas in `direction`, a step in [steps) px a
+    frame: uint8 (4, 32, 32)."""
+    size = int(rng.integers(*sizes))
     digit = _resized_digit(rng, split, None, size, max_angle=8)
-    step = int(rng.integers(3, 5))
+    step = int(rng.integers(*steps))
     travel = step * (NUM_FRAMES - 1)
     free = SIZE - size
     start = []
-    for d in _MOVES[label]:  # the whole path stays on the canvas
+    for d in _MOVES[direction]:  # the whole path stays on the canvas
         lo, hi = (0, free) if d == 0 else ((0, free - travel) if d > 0 else (travel, free))
         start.append(int(rng.integers(lo, hi + 1)))
     frames = np.zeros((NUM_FRAMES, SIZE, SIZE), np.float32)
     for t in range(NUM_FRAMES):
-        y, x = (s + d * step * t for s, d in zip(start, _MOVES[label]))
+        y, x = (s + d * step * t for s, d in zip(start, _MOVES[direction]))
         frames[t, y:y + size, x:x + size] = digit
     return _to_uint8(frames, rng)
+
+
+def _video(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """classify: a digit of 10..14 px moving 3..4 px a frame."""
+    return _moving_digit(rng, split, c[0], (10, 15), (3, 5))
+
+
+def _sized_video(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """compositional (size, direction, speed): a small (7..9 px) or large (13..15 px) digit,
+    slow (1..2 px a frame) or fast (4..5)."""
+    size, direction, speed = c
+    return _moving_digit(rng, split, direction, ((7, 10), (13, 16))[size], ((1, 3), (4, 6))[speed])
 
 
 # --- tones (audio) ------------------------------------------------------------------------------
@@ -117,14 +138,27 @@ def _video(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
 NOTE_HZ = (261.63, 293.66, 329.63, 349.23, 392.00, 440.00, 493.88)  # C4 D4 E4 F4 G4 A4 B4
 
 
-def _audio(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    """1 s of the note, random amplitude and phase, 10 ms fades, light noise: float32 in [-1, 1]."""
+def _tone(rng: np.random.Generator, hz: float, amplitudes: tuple[float, float]) -> np.ndarray:
+    """1 s at `hz`, random amplitude in `amplitudes` and phase, 10 ms fades, light noise:
+    float32 in [-1, 1]."""
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
     phase = rng.uniform(0, 2 * np.pi)
-    wave = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * NOTE_HZ[label] * t + phase)
+    wave = rng.uniform(*amplitudes) * np.sin(2 * np.pi * hz * t + phase)
     fade = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)
     wave = wave * fade + rng.normal(0.0, 0.01, t.shape)
     return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def _audio(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """classify: the note, amplitude 0.2..0.8."""
+    return _tone(rng, NOTE_HZ[c[0]], (0.2, 0.8))
+
+
+def _loud_audio(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """compositional (loudness, octave, note): quiet (0.05..0.15) or loud (0.5..0.9), in the
+    4th octave (low) or the 5th (high)."""
+    loudness, octave, note = c
+    return _tone(rng, NOTE_HZ[note] * (1, 2)[octave], ((0.05, 0.15), (0.5, 0.9))[loudness])
 
 
 # --- rendered shapes (depth) --------------------------------------------------------------------
@@ -187,56 +221,154 @@ def _hits(shape: str, o: np.ndarray, d: np.ndarray, rng: np.random.Generator) ->
     return hits
 
 
-def _depth(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
-    """The shape 2..3 units away, slightly off centre, randomly turned: float32 (32, 32) depth."""
-    z = rng.uniform(2.0, 3.0)
+SHAPES = ("sphere", "cube", "cylinder", "cone")
+
+
+def _rendered_depth(rng: np.random.Generator, shape: int, scale: float,
+                    distances: tuple[float, float]) -> np.ndarray:
+    """The shape, `scale` times its unit size, at a distance in `distances`, slightly off
+    centre, randomly turned: float32 (32, 32) depth."""
+    z = rng.uniform(*distances)
     centre = np.array([rng.uniform(-0.06, 0.06) * z, rng.uniform(-0.06, 0.06) * z, z])
     rot = _rotation(rng)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        hits = _hits(TASKS["depth"].answers[label], -centre @ rot, _RAYS @ rot, rng)
+        # Rays in the object's frame divided by the scale meet the unit shape at the same ray
+        # parameters as the undivided rays meet the scaled shape: depths stay true.
+        hits = _hits(SHAPES[shape], -centre @ rot / scale, _RAYS @ rot / scale, rng)
         # nearest hit in front of the camera and before the wall (NaN compares False: no hit)
         t = np.min([np.where((h > 0) & (h < BACKGROUND_DEPTH), h, np.inf) for h in hits], axis=0)
     depth = np.where(np.isfinite(t), t, BACKGROUND_DEPTH).reshape(SIZE, SIZE)
     return (depth + rng.normal(0.0, 0.005, depth.shape)).astype(np.float32)
 
 
-_RENDER: dict[str, Callable[[np.random.Generator, int, str], np.ndarray]] = {
-    "image": _image, "video": _video, "audio": _audio, "depth": _depth}
+def _depth(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """classify: the shape at unit size, 2..3 units away."""
+    return _rendered_depth(rng, c[0], 1.0, (2.0, 3.0))
+
+
+def _sized_depth(rng: np.random.Generator, c: tuple[int, ...], split: str) -> np.ndarray:
+    """compositional (size, shape, distance): 0.6 (small) or 1.0 (large) times its unit size,
+    1.6..2.1 units away (near) or 2.9..3.5 (far)."""
+    size, shape, distance = c
+    return _rendered_depth(rng, shape, (0.6, 1.0)[size], ((1.6, 2.1), (2.9, 3.5))[distance])
+
+
+# --- the task sets ------------------------------------------------------------------------------
+
+Render = Callable[[np.random.Generator, tuple[int, ...], str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A modality's task: the instruction, and an answer that fills `template` with one value of
+    each attribute; `render(rng, the values' indices, split)` draws an input that shows them."""
+    instruction: str
+    attributes: tuple[tuple[str, ...], ...]
+    template: str
+    render: Render
+    held_out: int = 0  # every held_out-th combination of values (product order) is eval only
+
+    @property
+    def combinations(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*(range(len(v)) for v in self.attributes)))
+
+    def answer(self, combination: tuple[int, ...]) -> str:
+        return self.template.format(*(v[i] for v, i in zip(self.attributes, combination)))
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return tuple(self.answer(c) for c in self.combinations)
+
+    def is_held_out(self, index: int) -> bool:
+        return bool(self.held_out) and index % self.held_out == 0
+
+    def split_combinations(self, split: str) -> list[int]:
+        """Indices of the combinations a split draws from: eval all, train the others."""
+        return [k for k in range(len(self.combinations))
+                if split == "eval" or not self.is_held_out(k)]
+
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIRECTIONS = ("left", "right", "up", "down")
+NOTES = ("do", "re", "mi", "fa", "sol", "la", "ti")
+SIZES = ("small", "large")
+
+TASK_SETS: dict[str, dict[str, Task]] = {
+    "classify": {
+        "image": Task("what digit is shown in the image ?", (DIGITS,), "{0}", _image),
+        "video": Task("which way does the digit move in the video ?", (DIRECTIONS,), "{0}",
+                      _video),
+        "audio": Task("which note is played in the audio ?", (NOTES,), "{0}", _audio),
+        "depth": Task("what shape is in the depth map ?", (SHAPES,), "{0}", _depth),
+    },
+    "compositional": {
+        "image": Task("describe the digit in the image .",
+                      (SIZES, DIGITS, ("top left", "top right", "bottom left", "bottom right")),
+                      "a {0} {1} at the {2}", _placed_image, held_out=5),
+        "video": Task("describe the motion in the video .",
+                      (SIZES, DIRECTIONS, ("slow", "fast")), "a {0} digit moving {1} , {2}",
+                      _sized_video, held_out=5),
+        "audio": Task("describe the note in the audio .",
+                      (("quiet", "loud"), ("low", "high"), NOTES), "a {0} {1} {2}", _loud_audio,
+                      held_out=5),
+        "depth": Task("describe the object in the depth map .",
+                      (SIZES, SHAPES, ("near", "far")), "a {0} {1} , {2}", _sized_depth,
+                      held_out=5),
+    },
+}
+TASKS = TASK_SETS["classify"]  # the embedded default's
 
 
 # --- shards -------------------------------------------------------------------------------------
 
-def synth_samples(modality: str, split: str, n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """`n` raw samples of one modality and split, classes balanced (counts differ by at most one)
-    and shuffled. Each (seed, modality, split) has its own random stream."""
-    task = TASKS[modality]
-    rng = np.random.default_rng([seed, list(TASKS).index(modality), SPLITS.index(split)])
-    labels = rng.permutation(np.arange(n) % len(task.answers))
-    for i, label in enumerate(labels.tolist()):
+def synth_samples(modality: str, split: str, n: int, seed: int = 0,
+                  tasks: str = "classify") -> Iterator[dict[str, Any]]:
+    """`n` raw samples of one modality and split of a task set, the split's combinations of
+    attribute values balanced (counts differ by at most one) and shuffled. Each (seed, task set,
+    modality, split) has its own random stream."""
+    task_set = _task_set(tasks)
+    task = task_set[modality]
+    set_id = list(TASK_SETS).index(tasks)
+    # classify keeps the stream it always had, so its shards stay byte-identical
+    rng = np.random.default_rng([seed, list(task_set).index(modality), SPLITS.index(split)]
+                                + ([set_id] if set_id else []))
+    pool = task.split_combinations(split)
+    picks = rng.permutation(np.arange(n) % len(pool))
+    for i, pick in enumerate(picks.tolist()):
+        label = pool[pick]
+        combination = task.combinations[label]
         meta = {"modality": modality, "instruction": task.instruction,
-                "answer": task.answers[label], "label": label}
-        yield encode_sample(f"{modality}-{split}-{i:06d}", meta, task.input_kind,
-                            _RENDER[modality](rng, label, split),
+                "answer": task.answer(combination), "label": label}
+        if task.held_out:
+            meta["held_out"] = task.is_held_out(label)
+        yield encode_sample(f"{modality}-{split}-{i:06d}", meta, modality,
+                            task.render(rng, combination, split),
                             SAMPLE_RATE if modality == "audio" else None)
 
 
+def _task_set(name: str) -> dict[str, Task]:
+    if name not in TASK_SETS:
+        raise MeraError(f"task set {name!r} is not one of {', '.join(TASK_SETS)}")
+    return TASK_SETS[name]
+
+
 def synth_dataset(out: str, seed: int = 0, train_per_modality: int = 2000,
-                  eval_per_modality: int = 200, samples_per_shard: int = 500
-                  ) -> dict[str, dict[str, str]]:
-    """Write the built-in dataset to OUT/<modality>/{train,eval}-NNNNNN.tar (a local path or an
-    s3:// prefix); return {modality: {"train": pattern, "eval": pattern}}."""
+                  eval_per_modality: int = 200, samples_per_shard: int = 500,
+                  tasks: str = "classify") -> dict[str, dict[str, str]]:
+    """Write a built-in dataset (a task set of TASK_SETS) to OUT/<modality>/{train,eval}-NNNNNN.tar
+    (a local path or an s3:// prefix); return {modality: {"train": pattern, "eval": pattern}}."""
     for name, value in (("train_per_modality", train_per_modality),
                         ("eval_per_modality", eval_per_modality),
                         ("samples_per_shard", samples_per_shard)):
         if value < 1:
             raise MeraError(f"{name} must be >= 1, got {value}")
     patterns: dict[str, dict[str, str]] = {}
-    for modality in TASKS:
+    for modality in _task_set(tasks):
         patterns[modality] = {}
         for split, n in zip(SPLITS, (train_per_modality, eval_per_modality)):
             start = time.perf_counter()
             patterns[modality][split] = write_shards(
-                synth_samples(modality, split, n, seed), storage.join(out, modality, split),
+                synth_samples(modality, split, n, seed, tasks), storage.join(out, modality, split),
                 samples_per_shard)
             log.info("%s %s: %d samples in %d shard(s), %.1f s", modality, split, n,
                      math.ceil(n / samples_per_shard), time.perf_counter() - start)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from typing import Optional
 
 import torch
 from tokenizers import AddedToken
@@ -18,7 +19,7 @@ from mera_ds.errors import MeraError
 from mera_ds.model import tiny
 from mera_ds.model.node_cache import local_model
 from mera_ds.model.tiny import PLACEHOLDER
-from mera_ds.storage import is_remote, url_to_fs
+from mera_ds.storage import is_remote, join, url_to_fs, write_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,15 +114,25 @@ def write_llm(llm_cfg: LLMConfig, url: str, shard_size: str) -> dict:
     """The LLM of `llm_cfg` as the run sees it (the tiny one, or the configured one with the
     placeholder token added) to `url` in HF layout, written whole or not at all: theta_0 of a
     run, the anchor of merges across stages, with the tensor names a finetune exports."""
+    llm, tokenizer = build_llm(llm_cfg)
+    return save_llm(llm, tokenizer, url, shard_size)
+
+
+def save_llm(llm, tokenizer, url: str, shard_size: str,
+             extra_files: Optional[dict[str, bytes]] = None) -> dict:
+    """An LLM held whole in this process to `url` in HF layout, as the finetune exports one:
+    the tensor names of its parameters (tied weights once), sharded safetensors, and
+    `extra_files` ({name: bytes}) beside them, whole or not at all."""
     from mera_ds.io.format import TensorSpec, dtype_code
     from mera_ds.io.writer import ShardedWriter
     from mera_ds.storage import committed_dir
 
-    llm, tokenizer = build_llm(llm_cfg)
     tensors = list(llm.named_parameters())  # tied weights once, as the export writes them
     plan = [TensorSpec(n, dtype_code(p.dtype), tuple(p.shape)) for n, p in tensors]
     with committed_dir(url) as tmp:
         save_llm_metadata(llm, tokenizer, tmp)
+        for name, data in (extra_files or {}).items():
+            write_bytes(join(tmp, name), data)
         with ShardedWriter(tmp, max_shard_size=shard_size, plan=plan) as writer:
             for name, p in tensors:
                 writer.add(name, p.detach())

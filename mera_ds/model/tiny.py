@@ -104,8 +104,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         pre_tokenizers.Punctuation(behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
     ])
+    return fast_tokenizer(tok)
+
+
+def fast_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` model whose vocabulary holds SPECIALS as an HF tokenizer: bos in front of
+    every text, the specials named, <modality> one special token."""
+    bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     tok.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
