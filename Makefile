@@ -16,7 +16,8 @@ export DS_ACCELERATOR ?= cpu
 # venv, so a job never waits on another checkout's build or on a lock a killed build left.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup system-deps demo shards test test-slow test-all bench-mcl image-cpu test-image clean
+.PHONY: setup system-deps demo shards mcl-shards test test-slow test-all bench-mcl image-cpu \
+	test-image clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,17 @@ $(SHARDS)/.done: $(VENV)/.installed
 
 shards: $(SHARDS)/.done
 
+# The MCL benchmark's data: the compositional tasks (1000 eval samples per modality) and the
+# pretrained base LLM (docs/DATA.md §6).
+MCL_SHARDS  ?= data_shards/mcl
+$(MCL_SHARDS)/.done: $(VENV)/.installed
+	$(VENV)/bin/mera shards synth --tasks compositional --eval-per-modality 1000 --out $(MCL_SHARDS)
+	rm -rf $(MCL_SHARDS)/base
+	$(VENV)/bin/mera shards base --out $(MCL_SHARDS)/base
+	touch $@
+
+mcl-shards: $(MCL_SHARDS)/.done
+
 demo: setup shards
 	$(VENV)/bin/mera run $(CONFIG) --resume
 
@@ -56,19 +68,22 @@ test-slow: setup
 test-all: setup system-deps
 	$(PY) -m pytest -q tests
 
-# The MCL benchmark as BENCHMARKS.md reports it: 3 orders x 3 seeds, then mean and spread.
-# Each run resumes if it is already there; two run at a time, one thread each (2 cores).
+# The MCL benchmark as BENCHMARKS.md reports it: 3 orders x 3 seeds of launch/configs/mcl.yaml,
+# then mean and spread. Each run resumes if it is already there; two run at a time, one thread
+# each (2 cores).
 MCL_ORDERS ?= image,video,audio,depth video,audio,depth,image depth,audio,video,image
 MCL_SEEDS  ?= 0 1 2
 MCL_JOBS   ?= 2
 # e.g. MCL_METHODS=mera-10,mera-avg,mera-ties,mera-dare,mera-pcb,replay-10 MCL_OUT=runs/mcl15
 MCL_METHODS ?=
 MCL_OUT    ?= runs/mcl
-bench-mcl: setup shards
+MCL_CONFIG ?= launch/configs/mcl.yaml
+bench-mcl: setup mcl-shards
 	mkdir -p $(MCL_OUT)
 	printf '%s\n' $(foreach o,$(MCL_ORDERS),$(foreach s,$(MCL_SEEDS),"$(o) $(s)")) | \
 	  OMP_NUM_THREADS=1 xargs -P $(MCL_JOBS) -L 1 sh -c \
-	  '$(VENV)/bin/mera bench mcl --order $$0 --seed $$1 --resume --out $(MCL_OUT)/$$0-s$$1 \
+	  '$(VENV)/bin/mera bench mcl --config $(MCL_CONFIG) --order $$0 --seed $$1 --resume \
+	   --out $(MCL_OUT)/$$0-s$$1 \
 	   $(if $(MCL_METHODS),--methods $(MCL_METHODS)) > $(MCL_OUT)/$$0-s$$1.log 2>&1 \
 	   || { echo "failed: see $(MCL_OUT)/$$0-s$$1.log"; exit 255; }'
 	$(VENV)/bin/mera bench mcl-summary $(MCL_OUT)/*/mcl.json

@@ -57,6 +57,7 @@ class EncoderConfig(_Strict):
     type: Literal["clip_vision", "video", "whisper", "depth", "precomputed"]
     path: Optional[str] = None
     tiny: dict[str, Any] = Field(default_factory=dict, description="overrides of the tiny config")
+    _path = field_validator("path")(classmethod(lambda cls, v: model_path(v)))
     num_frames: int = Field(4, ge=1, description="video: frames sampled per clip")
     time_tokens: int = Field(4, ge=1, description="video: tokens per clip after temporal pooling")
     spatial_grid: int = Field(2, ge=1, description="video: each frame pooled to a grid x grid")
@@ -80,11 +81,19 @@ class TaskConfig(_Strict):
     """How a modality's task is scored: a metric of mera_ds.metrics on at most max_new_tokens
     generated tokens."""
 
-    metric: str = Field("exact_match", description="one of " + ", ".join(METRICS))
+    metric: str = Field("exact_match", description="one of " + ", ".join(METRICS) +
+                        "; the score of the performance matrix and the BRG")
+    extra_metrics: list[str] = Field(
+        default_factory=list, description="metrics reported beside `metric` (not in the BRG)")
     max_new_tokens: int = Field(8, ge=1)
 
     _metric = field_validator("metric")(classmethod(
         lambda cls, v: _one_of(v, METRICS, "metric")))
+
+    @field_validator("extra_metrics")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        return [_one_of(m, METRICS, "metric") for m in v]
 
 
 class ModalityConfig(_Strict):
@@ -114,6 +123,7 @@ class LLMConfig(_Strict):
 
     path: Optional[str] = None
     tiny: dict[str, Any] = Field(default_factory=dict, description="overrides of the tiny config")
+    _path = field_validator("path")(classmethod(lambda cls, v: model_path(v)))
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention",
                                  "eager"] = "auto"
@@ -215,6 +225,10 @@ class RealignConfig(TrainingSettings):
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     replay_ratio: float = Field(0.1, gt=0, le=1, description="r: share of each modality replayed")
+    epochs: Optional[float] = Field(
+        None, gt=0, description="the realign's length in passes over its replay mix: steps = "
+        "ceil(epochs x replayed samples / batch_size), so it scales with the replay's size; "
+        "unset: `steps`")
     mode: Literal["auto", "zero3", "data_parallel"] = Field(
         "auto", description="data_parallel: the frozen LLM whole on every rank, only the "
         "connectors' gradients all-reduced (no ZeRO gathers); zero3: the LLM partitioned as in "
@@ -225,6 +239,13 @@ class RealignConfig(TrainingSettings):
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     max_samples: Optional[int] = Field(None, ge=1)
+    text: Optional[str] = Field(
+        None, description="a text file (one document per line; local or s3://) whose "
+        "perplexity under theta_i every evaluate reports: how much of its language the LLM "
+        "keeps (`mera shards base` writes one, held out of its pretraining)")
+
+    _text = field_validator("text")(classmethod(
+        lambda cls, v: None if v is None else storage_url(v, "text file")))
 
 
 class StagesConfig(_Strict):
@@ -407,6 +428,12 @@ def absolute(path: str) -> str:
     """Local paths become absolute (from the working directory) when a config is read: Ray
     workers and launcher ranks run elsewhere. URLs stay as they are."""
     return path if "://" in path else os.path.abspath(path)
+
+
+def model_path(v: Optional[str]) -> Optional[str]:
+    """An LLM's or encoder's path: a local directory made absolute (as `absolute` does), a hub
+    id or URL as it is. A relative path names a directory only if it is there."""
+    return absolute(v) if v and "://" not in v and os.path.isdir(v) else v
 
 
 def resolve_path(path: str) -> str:

@@ -1,5 +1,6 @@
 """The task metrics: a registry of name -> function (predictions, answers) -> score in [0, 1],
-one reference answer per sample. `TaskConfig.metric` names one; evaluation and `mera export`
+one reference answer per sample; those that are a mean over samples also give each sample's
+score, for confidence intervals. `TaskConfig.metric` names one; evaluation and `mera export`
 take them from here.
 
 This module imports only the standard library at the top (the config validates metric names
@@ -11,37 +12,76 @@ import functools
 import re
 import string
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 Metric = Callable[[Sequence[str], Sequence[str]], float]
+SampleScore = Callable[[str, str], float]
 
 METRICS: dict[str, Metric] = {}
+# The metrics that are a mean over samples, by name: each sample's score (what a bootstrap
+# confidence interval resamples).
+SAMPLE_SCORES: dict[str, SampleScore] = {}
 
 
-def _registered(fn: Callable[[list[str], list[str]], float]) -> Metric:
-    """Register `fn` under its name, behind the checks every metric needs: one prediction per
-    answer, and at least one sample."""
+def _checked(name: str, fn: Callable[[list[str], list[str]], float]) -> Metric:
+    """`fn` behind the checks every metric needs: one prediction per answer, at least one
+    sample."""
     @functools.wraps(fn)
     def metric(predictions: Sequence[str], answers: Sequence[str]) -> float:
         if len(predictions) != len(answers):
-            raise ValueError(f"{fn.__name__}: {len(predictions)} predictions for {len(answers)} "
+            raise ValueError(f"{name}: {len(predictions)} predictions for {len(answers)} "
                              f"answers")
         if not answers:
-            raise ValueError(f"{fn.__name__}: no samples")
+            raise ValueError(f"{name}: no samples")
         return fn(list(predictions), list(answers))
 
-    METRICS[fn.__name__] = metric
     return metric
+
+
+def _registered(fn: Callable[[list[str], list[str]], float]) -> Metric:
+    """Register a corpus-level metric under its name."""
+    METRICS[fn.__name__] = _checked(fn.__name__, fn)
+    return METRICS[fn.__name__]
+
+
+def _per_sample(fn: SampleScore) -> Metric:
+    """Register a metric that is the mean of `fn(prediction, answer)` over the samples."""
+    def mean(predictions: list[str], answers: list[str]) -> float:
+        return sum(map(fn, predictions, answers)) / len(answers)
+
+    SAMPLE_SCORES[fn.__name__] = fn
+    METRICS[fn.__name__] = functools.wraps(fn)(_checked(fn.__name__, mean))
+    return METRICS[fn.__name__]
+
+
+def sample_scores(metric: str, predictions: Sequence[str], answers: Sequence[str]
+                  ) -> Optional[list[float]]:
+    """Each sample's score under `metric`, or None for a corpus-level metric (bleu)."""
+    fn = SAMPLE_SCORES.get(metric)
+    return None if fn is None else [fn(p, a) for p, a in zip(predictions, answers)]
+
+
+def bootstrap_interval(values: Sequence[float], seed: int = 0, resamples: int = 1000,
+                       level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap confidence interval of the mean of `values`."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def _words(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-@_registered
-def exact_match(predictions: list[str], answers: list[str]) -> float:
+@_per_sample
+def exact_match(prediction: str, answer: str) -> float:
     """Share of predictions equal to their answer, ignoring case and whitespace runs."""
-    return sum(_words(p) == _words(a) for p, a in zip(predictions, answers)) / len(answers)
+    return float(_words(prediction) == _words(answer))
 
 
 # The answer normalization of the official VQA evaluation (GT-Vision-Lab/VQA,
@@ -105,13 +145,12 @@ def vqa_normalize(text: str) -> str:
     return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
 
 
-@_registered
-def vqa_accuracy(predictions: list[str], answers: list[str]) -> float:
+@_per_sample
+def vqa_accuracy(prediction: str, answer: str) -> float:
     """Share of predictions equal to their answer after the VQA normalization. With one reference
     answer per sample this is VQA's accuracy min(1, matches / 3) taken as a plain match: the
     official formula needs the ten human answers of VQA v2."""
-    return sum(vqa_normalize(p) == vqa_normalize(a)
-               for p, a in zip(predictions, answers)) / len(answers)
+    return float(vqa_normalize(prediction) == vqa_normalize(answer))
 
 
 _SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -123,7 +162,10 @@ def squad_tokens(text: str) -> list[str]:
     return _SQUAD_ARTICLES.sub(" ", text).split()
 
 
-def _f1(prediction: str, answer: str) -> float:
+@_per_sample
+def token_f1(prediction: str, answer: str) -> float:
+    """SQuAD's token F1 (the harmonic mean of token precision and recall after its
+    normalization), averaged over the samples: partial credit for longer answers."""
     pred, gold = squad_tokens(prediction), squad_tokens(answer)
     if not pred or not gold:  # SQuAD v2: an empty answer is matched only by an empty one
         return float(pred == gold)
@@ -132,13 +174,6 @@ def _f1(prediction: str, answer: str) -> float:
         return 0.0
     precision, recall = same / len(pred), same / len(gold)
     return 2 * precision * recall / (precision + recall)
-
-
-@_registered
-def token_f1(predictions: list[str], answers: list[str]) -> float:
-    """SQuAD's token F1 (the harmonic mean of token precision and recall after its
-    normalization), averaged over the samples: partial credit for longer answers."""
-    return sum(_f1(p, a) for p, a in zip(predictions, answers)) / len(answers)
 
 
 @_registered

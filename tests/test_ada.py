@@ -134,8 +134,9 @@ def test_the_plan_fits_the_coefficients_before_it_merges(tiny_config):
     assert "02-video/realign" in deps["02-video/merge"]
     assert "02-video/merge" in deps["02-video/evaluate"] and \
         "02-video/merge" in deps["03-audio/finetune"]
-    # Stage 1 merges nothing: its realign is the plain one.
-    assert not by_name["01-image/realign"].spec.merge_finetuned
+    # Stage 1 merges nothing, and realigns nothing.
+    assert [s.phase for s in steps if s.modality == "image"] == [
+        "base", "replay", "finetune", "evaluate"]
 
     for section, field in (("merge", "across_stages"), ("realign", "enabled")):
         bad = copy.deepcopy(tiny_config)

@@ -55,6 +55,12 @@ def test_every_method_gets_its_matrix_and_brg(mcl_run):
         brg = None if P[0][0] == 0 else P[1][0] / P[0][0] * 100
         assert r["brg"] == pytest.approx(brg) if brg is not None else r["brg"] is None
         assert r["final_average"] == pytest.approx(sum(P[1]) / 2)
+        # every score and the BRG with a 95% bootstrap interval around it
+        for row, row_ci in zip(P, r["P_ci"]):
+            for v, ci in zip(row, row_ci):
+                assert (ci is None) if v is None else ci[0] <= v <= ci[1]
+        assert r["brg_ci"] is None if r["brg"] is None else \
+            r["brg_ci"][0] <= r["brg"] + 1e-9 and r["brg"] - 1e-9 <= r["brg_ci"][1]
         assert r["seconds"] > 0
         assert name in mcl_run["stdout"]
     assert "wall time" in mcl_run["stdout"]
@@ -68,9 +74,11 @@ def test_shared_steps_run_once_and_merge_uses_the_merge_chain(mcl_run):
     # theta_1 (one finetune), replay trains on its own mix.
     assert finetunes == ["first/01-audio/finetune", "replay/02-video/finetune",
                          "seq/02-video/finetune"]
+    # No method realigns at stage 1 (nothing was merged): one stage-1 evaluate for all.
     assert sorted(s for s in steps if "realign" in s) == [
-        "first/01-audio/realign-1", "first/01-audio/realign-10", "merge/02-video/realign-1",
-        "merge/02-video/realign-10", "seq/02-video/realign-10"]
+        "merge/02-video/realign-1", "merge/02-video/realign-10", "seq/02-video/realign-10"]
+    assert sorted(s for s in steps if s.startswith("first/") and "evaluate" in s) == [
+        "first/01-audio/evaluate"]
     # theta_2 = theta_1 + (theta_ft_2 - theta_1) / 2, theta_1 being the shared stage-1 finetune.
     chains = mcl_run["out"] / "chains"
     prev = state(chains / "first/01-audio/finetune/llm")

@@ -44,8 +44,11 @@ def test_a_step_depends_on_the_steps_that_write_what_it_reads(steps):
     assert deps["02-video/finetune"] == {"01-image/finetune"}
     assert deps["02-video/merge"] == {"01-image/finetune", "02-video/finetune"}
     assert deps["03-audio/finetune"] == {"02-video/merge"}
-    assert deps["02-video/realign"] == {"01-image/realign", "01-image/replay", "02-video/replay",
+    # No realign at stage 1: stage 2's starts the image connector from its finetune.
+    assert "01-image/realign" not in deps
+    assert deps["02-video/realign"] == {"01-image/finetune", "01-image/replay", "02-video/replay",
                                         "02-video/finetune", "02-video/merge"}
+    assert deps["01-image/evaluate"] == {"01-image/finetune"}
     assert deps["02-video/evaluate"] == {"02-video/merge", "02-video/realign"}
 
 
@@ -56,7 +59,11 @@ def test_the_next_finetune_starts_before_a_realign_ready_with_it(steps):
     assert [s.name for s in schedule.ready()] == ["01-image/finetune"]
     assert schedule.ready() == []
     schedule.finish("01-image/finetune")
-    assert [s.name for s in schedule.ready()] == ["02-video/finetune", "01-image/realign"]
+    assert [s.name for s in schedule.ready()] == ["02-video/finetune", "01-image/evaluate"]
+    schedule.finish("02-video/finetune")
+    assert [s.name for s in schedule.ready()] == ["02-video/merge"]
+    schedule.finish("02-video/merge")
+    assert [s.name for s in schedule.ready()] == ["03-audio/finetune", "02-video/realign"]
 
 
 class FakeCluster:
@@ -105,11 +112,13 @@ def test_steps_overlap_the_next_finetune_and_wait_for_their_inputs(steps):
     # Prepared (Ray connected) before any step, in the calling thread: a local Ray instance's
     # processes die with the thread that started them.
     assert cluster.prepared_in == (threading.main_thread(), 0)
-    # Stage 1's realign and evaluate ran while stage 2's finetune did.
-    ft2 = cluster.spans["02-video/finetune"]
-    for name in ("01-image/realign", "01-image/evaluate"):
-        start, end = cluster.spans[name]
-        assert ft2[0] < end and start < ft2[1], name
+    # Stage 2's realign and evaluate ran while stage 3's finetune did (stage 1's evaluate
+    # while stage 2's).
+    for name, beside in (("01-image/evaluate", "02-video/finetune"),
+                         ("02-video/realign", "03-audio/finetune"),
+                         ("02-video/evaluate", "03-audio/finetune")):
+        (start, end), ft = cluster.spans[name], cluster.spans[beside]
+        assert ft[0] < end and start < ft[1], name
     # The path through the stages: 4 finetunes, 3 merges, the last realign and evaluate.
     path = 4 * 0.6 + 3 * 0.05 + 0.4 + 0.1
     assert wall < path + 1.2 < sum(SECONDS[s.phase] for s in steps)
@@ -122,15 +131,15 @@ def test_a_failed_step_lets_the_running_ones_finish_and_resume_runs_the_rest(ste
     cfg, steps = steps
     layout = RunLayout.of(cfg)
     manifest = Manifest.open(layout, cfg, "mera", resume=False)
-    cluster = FakeCluster(SECONDS, fail={"01-image/realign"})
-    with pytest.raises(MeraError, match="01-image/realign: failed on purpose"):
+    cluster = FakeCluster(SECONDS, fail={"02-video/realign"})
+    with pytest.raises(MeraError, match="02-video/realign: failed on purpose"):
         execute(cfg, steps, manifest, cluster, concurrent=True)
     done = set(manifest.steps)
-    # Stage 2's finetune was running when the realign failed: it finished and was recorded;
+    # Stage 3's finetune was running when the realign failed: it finished and was recorded;
     # nothing started after the failure.
-    assert "02-video/finetune" in done
-    assert not done & {"01-image/realign", "01-image/evaluate", "02-video/merge"}
-    failed_at = cluster.spans["02-video/finetune"][0] + SECONDS["realign"]
+    assert "03-audio/finetune" in done
+    assert not done & {"02-video/realign", "02-video/evaluate", "03-audio/merge"}
+    failed_at = cluster.spans["03-audio/finetune"][0] + SECONDS["realign"]
     assert all(start < failed_at for start, _ in cluster.spans.values())
 
     resumed = Manifest.open(layout, cfg, "mera", resume=True)
@@ -147,7 +156,7 @@ def test_simulate_keeps_to_the_cluster_and_to_the_dependencies(steps):
     gpus = {"replay": 0, "merge": 0, "finetune": 8, "realign": 4, "evaluate": 1}
     sequential = simulate(steps, lambda s: cost[s.phase], lambda s: gpus[s.phase], 16,
                           sequential=True)
-    assert max(s.end for s in sequential) == sum(cost[s.phase] for s in steps) == 74
+    assert max(s.end for s in sequential) == sum(cost[s.phase] for s in steps) == 70
     spans = {s.name: s for s in simulate(steps, lambda s: cost[s.phase],
                                          lambda s: gpus[s.phase], 16)}
     for name, deps in dependencies(steps).items():
@@ -169,7 +178,7 @@ def test_on_ray_the_steps_overlap_and_leave_the_sequential_schedules_artifacts(r
                                                                                tmp_path):
     """The two-modality run of `resumed_run` (the sequential schedule) again under the
     dependency schedule, on a local Ray of 4 logical CPUs (two 2-worker jobs at once): stage 1's
-    realign ran beside stage 2's finetune, and every artifact is the same, byte for byte."""
+    evaluate ran beside stage 2's finetune, and every artifact is the same, byte for byte."""
     cfg = dict(resumed_run["cfg"], run_dir=str(tmp_path / "run"))
     cfg["cluster"] = dict(cfg["cluster"], schedule="dependency")
     path = tmp_path / "run.yaml"
@@ -195,8 +204,8 @@ def test_on_ray_the_steps_overlap_and_leave_the_sequential_schedules_artifacts(r
     steps = json.loads((tmp_path / "run" / "manifest.json").read_text())["steps"]
     when = {n: (datetime.fromisoformat(s["started"]), datetime.fromisoformat(s["finished"]))
             for n, s in steps.items()}
-    realign, finetune = when["01-image/realign"], when["02-video/finetune"]
-    assert realign[0] < finetune[1] and finetune[0] < realign[1], when
+    evaluate, finetune = when["01-image/evaluate"], when["02-video/finetune"]
+    assert evaluate[0] < finetune[1] and finetune[0] < evaluate[1], when
 
     reference = resumed_run["layout"].run_dir
     files = artifacts(tmp_path / "run")

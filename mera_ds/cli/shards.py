@@ -28,7 +28,7 @@ def register(subparsers) -> None:
              "text covering the compositional tasks' words")
     base.add_argument("--out", required=True, help="HF directory to write (local or s3://)")
     base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--steps", type=int, default=1000)
+    base.add_argument("--steps", type=int, default=200)
     base.set_defaults(func=_base)
 
     inspect = sub.add_parser("inspect", help="count the shards, samples, fields and modalities "

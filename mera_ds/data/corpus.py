@@ -67,12 +67,31 @@ def _fill(template: str, rng: np.random.Generator) -> str:
                    for text, field, _, _ in string.Formatter().parse(template))
 
 
+# Dialogues in the template the benchmark's prompts use (mera_ds.model.prompt's plain one),
+# whose answer restates what the user turn described: an LLM that learned to answer from its
+# context is what an MLLM's connector feeds (a text-only LLM never needs to look further back
+# than its sentence otherwise, and then ignores the modality tokens).
+INTROS = ("here is", "the {medium} shows", "there is", "i see", "look :")
+DIALOGUE = "user : {intro} {description} . {filler} {question} assistant : {description}"
+DIALOGUE_SHARE = 0.4
+
+
+def _dialogue(rng: np.random.Generator) -> str:
+    task = list(_TASKS.values())[rng.integers(len(_TASKS))]
+    description = task.answer(task.combinations[rng.integers(len(task.combinations))])
+    filler = _fill(TEMPLATES[rng.integers(len(TEMPLATES))], rng) if rng.random() < 0.5 else ""
+    return " ".join(DIALOGUE.format(
+        intro=_fill(INTROS[rng.integers(len(INTROS))], rng), description=description,
+        filler=filler, question=task.instruction).split())
+
+
 def sentences(n: int, seed: int, split: str = "train") -> Iterator[str]:
-    """`n` sentences of a split (train, eval), templates drawn uniformly; the same seed gives
-    the same text."""
+    """`n` lines of a split (train, eval): sentences of templates drawn uniformly, and a share
+    of dialogues; the same seed gives the same text."""
     rng = np.random.default_rng([seed, SPLITS.index(split), 0x7E47])
     for _ in range(n):
-        yield _fill(TEMPLATES[rng.integers(len(TEMPLATES))], rng)
+        yield _dialogue(rng) if rng.random() < DIALOGUE_SHARE else \
+            _fill(TEMPLATES[rng.integers(len(TEMPLATES))], rng)
 
 
 def task_words() -> set[str]:

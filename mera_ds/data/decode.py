@@ -109,4 +109,6 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
               "answer": messages[-1]["content"], "input_kind": kind, "input": arr}
     if rate is not None:
         sample["sample_rate"] = rate
+    if "held_out" in meta:  # the built-in compositional tasks: its answer is in no training sample
+        sample["held_out"] = bool(meta["held_out"])
     return sample

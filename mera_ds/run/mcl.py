@@ -22,6 +22,7 @@ it in OUT/manifest.json, so `--resume` continues an interrupted benchmark.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -57,9 +58,6 @@ def bench_config(cfg: RunConfig, order: Optional[list[str]], seed: Optional[int]
     micro-batches only saves memory, which the tiny models do not need, and halves the speed."""
     from mera_ds.config import absolute
 
-    if cfg.stages.align.enabled:
-        raise MeraError("stages.align.enabled: the MCL benchmark compares methods without the "
-                        "align phase; disable it in the config")
     modalities = cfg.modalities
     if order:
         known = [m.name for m in cfg.modalities]
@@ -93,7 +91,6 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
     {"order", "seed", "methods": {name: {"P", "brg", "final_average", "seconds"}}, "seconds"}.
     A method's `seconds`: what its steps took (shared ones included), as if it ran alone; the
     top-level `seconds`: this call's wall time, shared steps counted once."""
-    from mera_ds.evaluate import backward_relative_gain, performance_matrix
     from mera_ds.run.local import execute
     from mera_ds.run.preflight import preflight
 
@@ -102,7 +99,9 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
     if unknown:
         raise MeraError(f"--methods: {unknown[0]!r} is not one of {', '.join(EVERY_METHOD)}")
     layout = RunLayout.of(cfg)
-    plans = {n: plan(cfg, EVERY_METHOD[n], layout, chained=True) for n in names}
+    # Every method pre-aligns each new connector (with its LLM frozen) when the config does.
+    plans = {n: plan(cfg, dataclasses.replace(EVERY_METHOD[n], align=cfg.stages.align.enabled),
+                     layout, chained=True) for n in names}
     preflight(cfg, [s for steps in plans.values() for s in steps], ranks=1)
     manifest = Manifest.open(layout, cfg, "mcl", resume)
     t0 = time.time()
@@ -118,12 +117,33 @@ def run_mcl(cfg: RunConfig, methods: Optional[list[str]] = None, resume: bool = 
            "seconds": time.time() - t0}
     for n in names:
         rows = [manifest.steps[s.name]["result"] for s in plans[n] if s.phase == "evaluate"]
-        _, P = performance_matrix(rows)
-        out["methods"][n] = {
-            "P": P, "brg": backward_relative_gain(P, layout.order),
-            "final_average": sum(P[-1]) / len(P[-1]),
-            "seconds": sum(manifest.steps[s.name]["seconds"] for s in plans[n])}
+        out["methods"][n] = {**method_scores(rows), "seconds": sum(
+            manifest.steps[s.name]["seconds"] for s in plans[n])}
     return out
+
+
+def method_scores(rows: list[dict]) -> dict:
+    """What the benchmark reports of a method, from its `evaluate` results of stages 1..T: the
+    performance matrix P and each score's 95% interval (P_ci, None where the metric has no
+    per-sample scores), the BRG and its interval, the final average, and where evaluation gives
+    them the final extra metrics and held-out-answer scores ({modality: {metric: score}},
+    {modality: score}) and the text perplexity after each stage."""
+    from mera_ds.evaluate import backward_relative_gain, brg_interval, performance_matrix
+
+    order, P = performance_matrix(rows)
+    last = rows[-1]
+    scores = {"P": P,
+              "P_ci": [[row.get("ci", {}).get(m) if k <= i else None for k, m in enumerate(order)]
+                       for i, row in enumerate(rows)],
+              "brg": backward_relative_gain(P, order), "brg_ci": brg_interval(rows),
+              "final_average": sum(P[-1]) / len(P[-1])}
+    if last.get("extra_scores"):
+        scores["final_extra"] = last["extra_scores"]
+    if last.get("held_out_scores"):
+        scores["final_held_out"] = last["held_out_scores"]
+    if "perplexity" in last:
+        scores["perplexity"] = [row["perplexity"] for row in rows]
+    return scores
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -132,14 +152,22 @@ def format_table(result: dict, matrix: bool = False) -> str:
     from mera_ds.run.report import format_matrix
 
     lines = [f"MCL benchmark: order {','.join(result['order'])}, seed {result['seed']}",
-             f"{'method':<16}{'BRG %':>9}{'final avg':>11}{'seconds':>9}"]
+             f"{'method':<16}{'BRG % [95% CI]':>22}{'final avg':>11}{'held out':>10}"
+             f"{'ppl':>7}{'seconds':>9}"]
     for n, r in result["methods"].items():
-        brg = "n/a" if r["brg"] is None else f"{r['brg']:.2f}"
-        lines.append(f"{n:<16}{brg:>9}{r['final_average']:>11.3f}{r['seconds']:>9.0f}")
-    lines.append(f"wall time {result['seconds']:.0f} s (shared steps run once)")
+        brg = "n/a" if r["brg"] is None else f"{r['brg']:.1f}"
+        if r.get("brg_ci"):
+            brg += " [{:.1f}, {:.1f}]".format(*r["brg_ci"])
+        held = r.get("final_held_out")
+        held = f"{sum(held.values()) / len(held):.3f}" if held else "-"
+        ppl = f"{r['perplexity'][-1]:.2f}" if r.get("perplexity") else "-"
+        lines.append(f"{n:<16}{brg:>22}{r['final_average']:>11.3f}{held:>10}{ppl:>7}"
+                     f"{r['seconds']:>9.0f}")
+    lines.append(f"wall time {result['seconds']:.0f} s (shared steps run once); held out: the "
+                 f"final average over eval samples whose answer no training sample has")
     if matrix:
         for n, r in result["methods"].items():
-            lines += ["", n, format_matrix(result["order"], r["P"])]
+            lines += ["", n, format_matrix(result["order"], r["P"], r.get("P_ci"))]
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ A stage i (the modality m_i) has up to six phases, in this order:
     finetune  LLM + connector_i from theta_{i-1}                 -> theta_ft_i
     merge     theta_i = theta_{i-1} + (theta_ft_i - theta_{i-1}) / i   (i >= 2, merge chain)
               or, across stages, a strategy over the task vectors theta_ft_k - theta_0, k <= i
-    realign   connectors 1..i on the replay mix, theta_i frozen  (when the method realigns)
+    realign   connectors 1..i on the replay mix, theta_i frozen  (i >= 2, when the method
+              realigns: at stage 1 nothing was merged)
     evaluate  every learned modality on theta_i                  -> row i of P
 
 A learned merge (strategy ada, mera_ds.model.ada) realigns before it merges: the realign fits the
@@ -215,12 +216,17 @@ class _Planner:
         merges = self.method.chain == "merge" and i > 1
         if merges and not self.learned:
             steps.append(self.merge(i))
-        if self.method.realign is not None:
+        if self.realigns(i):
             steps.append(self.realign(i, ft))
         if merges and self.learned:
             steps.append(self.merge(i))
         steps.append(self.evaluate(i))
         return steps
+
+    def realigns(self, i: int) -> bool:
+        """A method with a realign realigns from stage 2: at stage 1 nothing was merged, and
+        connector 1 has just been trained with theta_1 on all of its data."""
+        return self.method.realign is not None and i > 1
 
     @property
     def learned(self) -> bool:
@@ -269,9 +275,7 @@ class _Planner:
         theta_0 and theta_ft_1..i with them."""
         m, learned = self.order[i - 1], self.order[:i]
         tag, out = self.tag(self.method.realign), self.at(self.llm_owner(i))
-        before = {o: ft.finetune_connector(m) if o == m else
-                  self.at(self.llm_owner(i - 1)).realign_connector(self.order[i - 2], o, tag)
-                  for o in learned}
+        before = {**self.connectors(i - 1), m: ft.finetune_connector(m)}
         merge = dict(llm=self.root.base_llm, merge_finetuned=self.finetuned_llms(i),
                      export_coefficients=out.merge_coefficients(m, tag)) \
             if self.learned and i > 1 else dict(llm=self.llm(i))
@@ -281,21 +285,26 @@ class _Planner:
             out={o: out.realign_connector(m, o, tag) for o in learned},
             **merge, **self.where(out, m, "realign", tag)))
 
-    def evaluate(self, i: int) -> Step:
-        """theta_i with the connectors the method ends stage i with: realigned, or each as its
-        last finetune left it."""
+    def connectors(self, i: int) -> dict[str, str]:
+        """The connectors the method ends stage i with ({learned modality: file}): realigned,
+        or each as its last finetune left it."""
         m, learned = self.order[i - 1], self.order[:i]
-        tag, out = self.tag(self.method.realign), self.at(self.llm_owner(i))
-        if self.method.realign is not None:
-            connectors = {o: out.realign_connector(m, o, tag) for o in learned}
-        elif self.method.chain == "replay":  # its finetunes train every learned connector
+        if self.realigns(i):
+            out, tag = self.at(self.llm_owner(i)), self.tag(self.method.realign)
+            return {o: out.realign_connector(m, o, tag) for o in learned}
+        if self.method.chain == "replay":  # its finetunes train every learned connector
             ft = self.at(self.finetune_owner(i))
-            connectors = {o: ft.finetune_connector(m, o) for o in learned}
-        else:
-            connectors = {o: self.at(self.finetune_owner(k)).finetune_connector(o)
-                          for k, o in enumerate(learned, 1)}
+            return {o: ft.finetune_connector(m, o) for o in learned}
+        return {o: self.at(self.finetune_owner(k)).finetune_connector(o)
+                for k, o in enumerate(learned, 1)}
+
+    def evaluate(self, i: int) -> Step:
+        """theta_i with the connectors the method ends stage i with."""
+        m = self.order[i - 1]
+        tag = self.tag(self.method.realign) if self.realigns(i) else ""
+        out = self.at(self.llm_owner(i))
         return Step(out.step_name(m, "evaluate", tag), "evaluate", m,
-                    EvalSpec(self.llm(i), connectors, out.eval_metrics(m, tag)))
+                    EvalSpec(self.llm(i), self.connectors(i), out.eval_metrics(m, tag)))
 
 
 def _training(job: JobSpec) -> Step:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 from mera_ds.errors import MeraError
 from mera_ds.run import manifest
@@ -122,14 +123,22 @@ def write_report(run_dir: str, report: dict | None = None) -> str:
 
 # --- text ---------------------------------------------------------------------------------------
 
-def format_matrix(order: list[str], P: list[list[float | None]]) -> str:
-    """P as a plain text table: a row per stage (after it), a column per modality."""
-    width = max([9, *(len(m) + 2 for m in order)])
+def format_matrix(order: list[str], P: list[list[float | None]],
+                  ci: Optional[list[list[Optional[list[float]]]]] = None) -> str:
+    """P as a plain text table: a row per stage (after it), a column per modality; with `ci`
+    (each score's 95% interval, or None) every score as "score ±half-width"."""
+    def cell(v, interval):
+        if v is None:
+            return ""
+        return f"{v:.3f}" + (f" ±{(interval[1] - interval[0]) / 2:.3f}" if interval else "")
+
+    ci = ci or [[None] * len(order) for _ in P]
+    width = max([9 if not any(map(any, ci)) else 16, *(len(m) + 2 for m in order)])
     lines = ["performance matrix P (row: after stage, column: modality)",
              f"{'':<10}" + "".join(f"{m:>{width}}" for m in order)]
-    for k, row in enumerate(P):
-        cells = "".join(f"{'':>{width}}" if v is None else f"{v:{width}.3f}" for v in row)
-        lines.append(f"{order[k]:<10}{cells}")
+    for k, (row, row_ci) in enumerate(zip(P, ci)):
+        lines.append(f"{order[k]:<10}" + "".join(f"{cell(v, c):>{width}}"
+                                                 for v, c in zip(row, row_ci)))
     return "\n".join(lines)
 
 

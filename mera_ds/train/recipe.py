@@ -10,6 +10,7 @@ mera_ds.train.jobs builds for them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -73,6 +74,20 @@ class JobSpec:
                                  *self.init_connectors.values(), *replays) if u)
 
 
+def with_length(spec: JobSpec) -> JobSpec:
+    """The spec with its steps set from its epochs where it has them (a realign: its replay sets
+    are written by earlier steps, so their sizes are known only now)."""
+    epochs = getattr(spec.settings, "epochs", None)
+    if epochs is None:
+        return spec
+    _, sizes = resolve_data(spec.data)
+    if sizes is None:
+        raise MeraError(f"{spec.name}: epochs needs replay sets, whose sizes are known; "
+                        f"set steps instead")
+    steps = max(1, math.ceil(epochs * sum(sizes) / spec.settings.batch_size))
+    return dataclasses.replace(spec, settings=spec.settings.model_copy(update={"steps": steps}))
+
+
 def lr_factor(step: int, settings: TrainingSettings) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < settings.warmup_steps:
@@ -93,6 +108,7 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
     (before the export): for callers that inspect or log the engine. `progress`: see
     train_loop.
     """
+    spec = with_length(spec)
     init_distributed(cfg)
     rank = dist.get_rank()
     try:
