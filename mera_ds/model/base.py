@@ -98,7 +98,7 @@ def pretrain_base(out: str, *, seed: int = 0, sentences: int = 40000,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % max(1, steps // 10) == 0:
-            log.info("pretrain step %d/%d loss %.4f", step + 1, steps, float(loss))
+            log.info("pretrain step %d/%d loss %.4f", step + 1, steps, loss.item())
     about = {"seed": seed, "steps": steps, "batch_size": batch_size, "length": length, "lr": lr,
              "vocab_size": len(tokenizer), "train_tokens": rows.numel(),
              "epochs": steps * batch_size / len(rows), "heldout_tokens": heldout_rows.numel(),
