@@ -22,8 +22,9 @@ plan (mera_ds.run.plan.Method):
 
 The methods' plans are laid over one directory, where steps that compute the same thing have the
 same name (stage 1 for all, ewc's Fisher of it apart; stage 2's finetune for seq and merge, both
-from theta_1; each chain's finetunes and merges for the methods on it): the in-process executor runs each once and records
-it in OUT/manifest.json, so `--resume` continues an interrupted benchmark.
+from theta_1; each chain's finetunes and merges for the methods on it): the in-process executor
+runs each once and records it in OUT/manifest.json, so `--resume` continues an interrupted
+benchmark.
 """
 from __future__ import annotations
 
