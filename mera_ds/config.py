@@ -180,6 +180,20 @@ class FinetuneConfig(TrainingSettings):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(8, ge=1)
+    # The replay-free baselines of `mera bench mcl` (mera_ds.run.mcl): their finetunes from the
+    # second stage on add a regularizer toward theta_{i-1}. EasyCL's defaults for LLMs.
+    ewc_lambda: float = Field(
+        1e4, ge=0, description="ewc: lambda of the penalty (lambda / 2) sum F (W - W*)^2 toward "
+        "the previous stage's LLM W*, F the summed Fisher of the earlier stages")
+    ewc_batches: int = Field(
+        8, ge=1, description="ewc: batches of batch_size samples (all ranks together) of a "
+        "stage's training data whose squared loss gradients, averaged, are its Fisher")
+    lwf_alpha: float = Field(
+        1.0, ge=0, description="lwf: weight of the distillation term alpha T^2 KL(teacher || "
+        "student) on the answer tokens, the teacher being the previous stage's LLM (Li & "
+        "Hoiem's lambda_o = 1)")
+    lwf_temperature: float = Field(2.0, gt=0, description="lwf: the distillation's "
+                                   "temperature T (Li & Hoiem: 2)")
 
 
 class MergeConfig(_Strict):
@@ -357,8 +371,9 @@ class RunConfig(_Strict):
         return self
 
     def workers(self, phase: str) -> int:
-        """The Ray Train workers of a training phase's jobs."""
-        return getattr(self.stages, phase).num_workers or self.cluster.num_workers
+        """The Ray Train workers of a training phase's jobs (a fisher job: its finetune's)."""
+        settings = getattr(self.stages, "finetune" if phase == "fisher" else phase)
+        return settings.num_workers or self.cluster.num_workers
 
     @property
     def max_workers(self) -> int:

@@ -1,6 +1,6 @@
-"""Run under `torchrun` by tests/test_train.py: the plan's training step of a phase and modality,
-one job per rank, plus what a test needs to see from inside it (each rank's partition,
-parameters before and after)."""
+"""Run under `torchrun` by tests/test_train.py: the plan's training step of a phase and modality
+(of the run's plan, or of a benchmark method's), one job per rank, plus what a test needs to see
+from inside it (each rank's partition, parameters before and after)."""
 import json
 import os
 import sys
@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from mera_ds.config import parse_config
 from mera_ds.run.layout import RunLayout
+from mera_ds.run.mcl import EVERY_METHOD
 from mera_ds.run.plan import Method, find_step, plan
 from mera_ds.train.export import gathered
 from mera_ds.train.recipe import run_job
@@ -18,11 +19,14 @@ from mera_ds.train.runtime import shutdown_distributed
 
 
 def main():
-    cfg_path, phase, modality, out = sys.argv[1:5]
+    cfg_path, phase, modality, out, *method = sys.argv[1:]
     sleep_rank = int(os.environ.get("TEST_SLEEP_RANK", "-1"))
     with open(cfg_path) as f:
         cfg = parse_config(json.load(f), cfg_path)
-    spec = find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), phase, modality).spec
+    # A benchmark method's step (its plan as `mera bench mcl` lays it), or the config's run's.
+    steps = plan(cfg, EVERY_METHOD[method[0]], RunLayout.of(cfg), chained=True) if method else \
+        plan(cfg, Method.of(cfg), RunLayout.of(cfg))
+    spec = find_step(steps, phase, modality).spec
 
     def observe(event, engine):
         rank = dist.get_rank()

@@ -71,9 +71,12 @@ def test_shared_steps_run_once_and_merge_uses_the_merge_chain(mcl_run):
     steps = mcl_run["manifest"]["steps"]
     finetunes = sorted(s for s in steps if s.endswith("/finetune"))
     # Stage 1 is one finetune for every method; at stage 2 seq and merge both start from
-    # theta_1 (one finetune), replay trains on its own mix.
+    # theta_1 (one finetune), replay trains on its own mix, ewc and lwf with their regularizers
+    # (ewc's weighed by the Fisher of theta_1, beside it).
     assert finetunes == ["first/01-audio/finetune", "replay/02-video/finetune",
+                         "seq-ewc/02-video/finetune", "seq-lwf/02-video/finetune",
                          "seq/02-video/finetune"]
+    assert sorted(s for s in steps if s.endswith("/fisher")) == ["first/01-audio/fisher"]
     # No method realigns at stage 1 (nothing was merged): one stage-1 evaluate for all.
     assert sorted(s for s in steps if "realign" in s) == [
         "merge/02-video/realign-1", "merge/02-video/realign-10", "seq/02-video/realign-10"]

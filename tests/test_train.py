@@ -19,14 +19,17 @@ from tests.conftest import free_port, mera_env, ray_train_worker_of
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(cfg: dict, phase: str, modality: str, out, env=None, check=True):
+def torchrun(cfg: dict, phase: str, modality: str, out, env=None, check=True, method=None):
+    """tests/dist_job.py on 2 ranks: the step of the config's run (or of the benchmark method
+    `method`)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(ROOT, "tests", "dist_job.py"), path, phase, modality, str(out)]
+           os.path.join(ROOT, "tests", "dist_job.py"), path, phase, modality, str(out),
+           *([method] if method else [])]
     shm = set(glob.glob("/dev/shm/deepspeed_*"))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,

@@ -40,27 +40,33 @@ def is_lora(llm) -> bool:
 Export = tuple[str, list[torch.nn.Parameter], Optional[Callable[..., torch.Tensor]]]
 
 
+def adapters(llm) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
+    """{name of an adapted weight W as the LLM saves it: (A, B, scaling)} of a LoRA-wrapped LLM:
+    the layer computes with W + scaling * B @ A."""
+    out = {}
+    for layer_name, layer in llm.get_base_model().named_modules():
+        if hasattr(layer, "lora_A") and ADAPTER in layer.lora_A:
+            out[f"{layer_name}.weight"] = (layer.lora_A[ADAPTER].weight,
+                                           layer.lora_B[ADAPTER].weight, layer.scaling[ADAPTER])
+    return out
+
+
 def merged_tensors(llm) -> list[Export]:
     """The tensors of the LLM as an HF model saves them. With LoRA, those of the base model, each
     adapted layer's weight folded: W + scaling * B @ A, in float32, cast back to W's dtype."""
     if not is_lora(llm):
         return [(name, [p], None) for name, p in llm.named_parameters()]
-    base = llm.get_base_model()
-    modules = dict(base.named_modules())
+    adapted = adapters(llm)
     out = []
-    for name, p in base.named_parameters():
+    for name, p in llm.get_base_model().named_parameters():
         if ".lora_" in name:
             continue  # part of its layer's folded weight
-        if ".base_layer." not in name:
+        name = name.replace(".base_layer.", ".")
+        if name in adapted:
+            a, b, scaling = adapted[name]
+            out.append((name, [p, a, b], _folder(scaling)))
+        else:  # not adapted, or a bias
             out.append((name, [p], None))
-            continue
-        layer_name, _, kind = name.rpartition(".base_layer.")
-        layer = modules[layer_name]
-        if kind != "weight":  # a bias: not adapted
-            out.append((f"{layer_name}.{kind}", [p], None))
-            continue
-        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        out.append((f"{layer_name}.weight", [p, a, b], _folder(layer.scaling[ADAPTER])))
     return out
 
 

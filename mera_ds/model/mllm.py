@@ -39,6 +39,9 @@ class MLLM(nn.Module):
         self.connectors = nn.ModuleDict(connectors)
         self.max_length = max_length
         self.placeholder_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+        # LwF's frozen teacher and its term (mera_ds.model.lwf.Distillation), for a finetune
+        # that distils; outside self.llm, so nothing that trains or exports the LLM sees it.
+        self.distill = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -86,15 +89,18 @@ class MLLM(nn.Module):
         return embeds + sum(f.sum() for f in features.values()) * 0
 
     def forward(self, batch: dict):
-        """The LLM output for a training batch; `.loss` is the mean over answer tokens."""
+        """The LLM output for a training batch; `.loss` is the mean over answer tokens (plus the
+        distillation term when the model distils)."""
         embeds = self.embed(batch)
         labels = batch.get("labels")
         mask, positions = batch.get("attention_mask"), batch.get("position_ids")
-        return self.llm(inputs_embeds=embeds,
-                        attention_mask=None if mask is None else mask.to(embeds.device),
-                        position_ids=None if positions is None else positions.to(embeds.device),
-                        labels=None if labels is None else labels.to(embeds.device),
-                        use_cache=False)
+        inputs = dict(attention_mask=None if mask is None else mask.to(embeds.device),
+                      position_ids=None if positions is None else positions.to(embeds.device))
+        labels = None if labels is None else labels.to(embeds.device)
+        out = self.llm(inputs_embeds=embeds, labels=labels, use_cache=False, **inputs)
+        if self.distill is not None and labels is not None:
+            out.loss = out.loss + self.distill(embeds, out.logits, labels, **inputs)
+        return out
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, **kwargs) -> list[str]:

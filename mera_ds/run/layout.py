@@ -6,6 +6,7 @@ them. The plan, the executors, the report and the benchmark take every path from
     RUN/stages/NN-<modality>/align/connectors/<modality>.safetensors
     RUN/stages/NN-<modality>/finetune/llm/     HF layout
     RUN/stages/NN-<modality>/finetune/connectors/<modality>.safetensors
+    RUN/stages/NN-<modality>/finetune/fisher/  HF layout, float32 (EWC's, of the LLM beside it)
     RUN/stages/NN-<modality>/merge/llm/        HF layout (stage 1 has none)
     RUN/stages/NN-<modality>/realign/connectors/<modality>.safetensors (every learned modality)
     RUN/stages/NN-<modality>/realign/coefficients.json   (a learned merge's, strategy ada)
@@ -85,6 +86,10 @@ class RunLayout:
         """A connector a stage's finetune wrote: its own modality's, unless it trained several."""
         return join(self.phase_dir(modality, "finetune"), "connectors",
                     f"{connector_of or modality}.safetensors")
+
+    def fisher(self, modality: str) -> str:
+        """EWC's Fisher of the stage's finetuned LLM, summed with the earlier stages'."""
+        return join(self.phase_dir(modality, "finetune"), "fisher")
 
     @property
     def base_llm(self) -> str:

@@ -96,6 +96,8 @@ def summary(result: dict) -> str:
     """What a step produced, in a few words (its line on the console)."""
     if "first_loss" in result:
         return f"loss {result['first_loss']:.3f} -> {result['loss']:.3f}"
+    if "batches" in result:
+        return f"Fisher over {result['batches']} batches, loss {result['loss']:.3f}"
     if "scores" in result:
         return ", ".join(f"{k} {v:.3f}" for k, v in result["scores"].items())
     if "source_samples" in result:

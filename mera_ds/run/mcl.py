@@ -8,6 +8,11 @@ plan (mera_ds.run.plan.Method):
 - merge-only: MERA without realign;
 - replay-10: 10% replay of the earlier modalities mixed into each finetune, all learned
   connectors trained with the LLM;
+- ewc, lwf: seq-ft with a replay-free regularizer toward the previous stage's LLM in each
+  finetune from the second on (stages.finetune.ewc_*, lwf_*): ewc, Elastic Weight Consolidation's
+  penalty weighed by the summed Fisher of the earlier stages, which a fisher step estimates after
+  each finetune (mera_ds.train.ewc); lwf, Learning without Forgetting's distillation from that
+  LLM, frozen, on the new data (mera_ds.model.lwf);
 - mera-1, mera-10: finetune, merge, realign on 1% / 10% replay;
 - mera-avg, mera-ties, mera-dare, mera-pcb (only when asked for, with --methods): mera-10 with
   each merge combining the task vectors of every stage so far against theta_0 with that strategy
@@ -16,9 +21,10 @@ plan (mera_ds.run.plan.Method):
   coefficients fitted on the replay mix by the realign, from 1/i, mera_ds.model.ada).
 
 The methods' plans are laid over one directory, where steps that compute the same thing have the
-same name (stage 1 for all; stage 2's finetune for seq and merge, both from theta_1; each chain's
-finetunes and merges for the methods on it): the in-process executor runs each once and records
-it in OUT/manifest.json, so `--resume` continues an interrupted benchmark.
+same name (stage 1 for all, ewc's Fisher of it apart; stage 2's finetune for seq and merge, both
+from theta_1; each chain's finetunes and merges for the methods on it): the in-process executor
+runs each once and records it in OUT/manifest.json, so `--resume` continues an interrupted
+benchmark.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ METHODS = {
     "seq-ft+realign": Method("seq", 0.1),
     "merge-only": Method("merge"),
     "replay-10": Method("replay"),
+    "ewc": Method("seq", regularizer="ewc"),
+    "lwf": Method("seq", regularizer="lwf"),
     "mera-1": Method("merge", 0.01),
     "mera-10": Method("merge", 0.1),
 }

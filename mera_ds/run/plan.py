@@ -2,12 +2,13 @@
 its inputs and outputs. Executors run it (mera_ds.run.local in this process,
 mera_ds.cluster.executor on Ray); neither knows how a stage is wired, only how to run a step.
 
-A stage i (the modality m_i) has up to six phases, in this order:
+A stage i (the modality m_i) has up to seven phases, in this order:
 
     base      theta_0 written as the run sees it     (stage 1, when merges span the stages)
     align     connector_i alone, LLM theta_{i-1} frozen          (optional)
     replay    r% of m_i's training samples, kept for realigns    (when a later step needs it)
     finetune  LLM + connector_i from theta_{i-1}                 -> theta_ft_i
+    fisher    EWC's Fisher of theta_ft_i on m_i, plus stage i-1's  (EWC, before the last stage)
     merge     theta_i = theta_{i-1} + (theta_ft_i - theta_{i-1}) / i   (i >= 2, merge chain)
               or, across stages, a strategy over the task vectors theta_ft_k - theta_0, k <= i
     realign   connectors 1..i on the replay mix, theta_i frozen  (i >= 2, when the method
@@ -23,7 +24,10 @@ MERA's merge; seq: the finetuned LLM as it is; replay: finetune on the new data 
 earlier modalities' replay), its realign ratio whether and on how much replay it realigns, and
 `across` whether its merges combine every stage's task vector against theta_0 (with a strategy of
 merge.strategies; mera over them is the paper's running average, the same model) rather than
-theta_{i-1} and theta_ft_i.
+theta_{i-1} and theta_ft_i. A seq chain's `regularizer` adds a replay-free one to its finetunes
+from stage 2 on, toward theta_{i-1}: lwf distils from it (mera_ds.model.lwf), ewc penalises the
+distance to it weighed by the Fisher of the earlier stages, which a fisher step after each
+finetune estimates (mera_ds.train.ewc).
 `mera run` plans one method (MERA, from the config); `mera bench mcl` plans several over one
 directory, where steps that compute the same thing have the same name and run once (`chained`).
 """
@@ -37,12 +41,13 @@ from mera_ds.data.replay import ReplaySet
 from mera_ds.errors import MeraError
 from mera_ds.merge.strategies import STRATEGIES
 from mera_ds.run.layout import RunLayout
-from mera_ds.train.jobs import align_job, finetune_job, realign_job
+from mera_ds.train.jobs import align_job, finetune_job, fisher_job, realign_job
 from mera_ds.train.recipe import JobSpec
 
-PHASES = ("base", "align", "replay", "finetune", "merge", "realign", "evaluate")
+PHASES = ("base", "align", "replay", "finetune", "fisher", "merge", "realign", "evaluate")
 TRAINING_PHASES = ("align", "finetune", "realign")
 CHAINS = ("merge", "seq", "replay")
+REGULARIZERS = ("ewc", "lwf")
 # The replay chain mixes this share of each earlier modality into its finetunes.
 CHAIN_REPLAY = 0.1
 
@@ -55,10 +60,15 @@ class Method:
     # The merge chain's merges: across stages with this strategy (None: theta_{i-1} and
     # theta_ft_i, with the config's).
     across: Optional[str] = None
+    # The seq chain's finetunes from stage 2 on regularized toward theta_{i-1} (REGULARIZERS).
+    regularizer: Optional[str] = None
 
     def __post_init__(self):
         if self.chain not in CHAINS:
             raise MeraError(f"method chain {self.chain!r} is not one of {', '.join(CHAINS)}")
+        if self.regularizer and (self.regularizer not in REGULARIZERS or self.chain != "seq"):
+            raise MeraError(f"method regularizer {self.regularizer!r}: one of "
+                            f"{', '.join(REGULARIZERS)}, on the seq chain")
         if self.across and STRATEGIES[self.across].learned and self.realign is None:
             raise MeraError(f"merge strategy {self.across}: learned by the realign, which this "
                             f"method does not run")
@@ -72,8 +82,11 @@ class Method:
 
     @property
     def key(self) -> str:
-        """Its chain's directory in a benchmark: each merge across stages is a chain of its own."""
-        return f"merge-{self.across}" if self.across else self.chain
+        """Its chain's directory in a benchmark: each merge across stages and each regularizer
+        is a chain of its own."""
+        if self.across:
+            return f"merge-{self.across}"
+        return f"seq-{self.regularizer}" if self.regularizer else self.chain
 
 
 class _OneOutput:
@@ -213,6 +226,8 @@ class _Planner:
                 cfg.modality(m).train_shards, self.root.replay_dir(m, tag), ratio, cfg.seed,
                 cfg.max_workers)))
         steps.append(self.finetune(i, ft))
+        if self.method.regularizer == "ewc" and i < len(self.order):
+            steps.append(self.fisher(i, ft))
         merges = self.method.chain == "merge" and i > 1
         if merges and not self.learned:
             steps.append(self.merge(i))
@@ -251,10 +266,25 @@ class _Planner:
         else:
             data, trained = [cfg.modality(m).train_shards], (m,)
             init = {m: ft.align_connector(m)} if self.method.align else {}
+        regularizer = self.method.regularizer if i > 1 else None
         return _training(finetune_job(
             cfg, m, self.llm(i - 1), data, init, out_llm=ft.finetune_llm(m),
             out_connectors={o: ft.finetune_connector(m, o) for o in trained},
-            **self.where(ft, m, "finetune")))
+            lwf=regularizer == "lwf", fisher=self.fisher_dir(i - 1) if regularizer == "ewc"
+            else None, **self.where(ft, m, "finetune")))
+
+    def fisher_dir(self, i: int) -> str:
+        """EWC's Fisher of stages 1..i, beside theta_ft_i."""
+        return self.at(self.finetune_owner(i)).fisher(self.order[i - 1])
+
+    def fisher(self, i: int, ft: RunLayout) -> Step:
+        """EWC's Fisher of theta_ft_i on m_i's training data, plus that of the stages before:
+        what the next finetune's penalty weighs by."""
+        m = self.order[i - 1]
+        return _training(fisher_job(
+            self.cfg, m, ft.finetune_llm(m), ft.finetune_connector(m),
+            self.fisher_dir(i - 1) if i > 1 else None, self.fisher_dir(i),
+            **self.where(ft, m, "fisher")))
 
     def merge(self, i: int) -> Step:
         """theta_i from theta_{i-1} and theta_ft_i; across stages from theta_0 and every
@@ -326,6 +356,7 @@ def find_step(steps: list[Step], phase: str, modality: str) -> Step:
             return step
     why = {"merge": "the first stage has no merge",
            "align": "stages.align.enabled is false",
+           "fisher": "only the ewc method of `mera bench mcl` estimates one",
            "base": "only the first stage of a run whose merges span the stages has one (stages."
                    "merge.across_stages)"}.get(phase, "stages.realign.enabled is false")
     raise MeraError(f"the run's plan has no {phase} step for modality {modality!r} ({why})")

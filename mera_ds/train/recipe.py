@@ -58,20 +58,27 @@ class JobSpec:
     merge_finetuned: tuple[str, ...] = ()
     lr_merge: float = 0.0
     export_coefficients: Optional[str] = None
+    # The replay-free regularizers of a finetune toward init_llm (theta_{i-1}), with the
+    # settings' weights. lwf: distil from it, frozen (mera_ds.model.lwf). fisher: the summed
+    # Fisher of the earlier stages (mera_ds.train.ewc), which weighs a finetune's EWC penalty,
+    # and to which a fisher job adds its own estimate, written to export_fisher.
+    lwf: bool = False
+    fisher: Optional[str] = None
+    export_fisher: Optional[str] = None
 
     @property
     def outputs(self) -> tuple[str, ...]:
         """The artifacts it writes (the resume state is none)."""
         return tuple(u for u in (self.export_llm, *self.export_connectors.values(),
-                                 self.export_coefficients) if u)
+                                 self.export_coefficients, self.export_fisher) if u)
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        """What it reads that a run may write: the LLM, connectors and replay sets it starts
-        from (not the shards nor the config's LLM, which are there before the run)."""
+        """What it reads that a run may write: the LLM, connectors, replay sets and Fisher it
+        starts from (not the shards nor the config's LLM, which are there before the run)."""
         replays = (d.dir for d in self.data if isinstance(d, ReplaySet))
         return tuple(u for u in (self.init_llm, *self.merge_finetuned,
-                                 *self.init_connectors.values(), *replays) if u)
+                                 *self.init_connectors.values(), *replays, self.fisher) if u)
 
 
 def with_length(spec: JobSpec) -> JobSpec:
@@ -123,8 +130,14 @@ def run_job(cfg: RunConfig, spec: JobSpec, checkpointer: Optional[Checkpointer] 
         if observe:
             observe("start", engine)
         loader = setup_data(cfg, spec, engine, start)
-        metrics = train_loop(spec, engine, device, loader, start, checkpointer,
-                             checkpoint_every or max(1, spec.settings.steps // 4), progress)
+        if spec.phase == "fisher":  # it writes its Fisher; nothing trains
+            from mera_ds.train.ewc import estimate_fisher
+
+            metrics = estimate_fisher(spec, engine, device, loader)
+        else:
+            metrics = train_loop(spec, engine, device, loader, start, checkpointer,
+                                 checkpoint_every or max(1, spec.settings.steps // 4), progress,
+                                 penalty=ewc_penalty(spec, engine))
         # ZeRO wraps the optimizer; stage 0 (a replicated LLM) leaves it as it is.
         optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
         metrics.update(addresses=addresses, optimizer=type(optimizer).__name__,
@@ -156,6 +169,7 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
     from mera_ds.model.connectors import load_connector
     from mera_ds.model.llm import DTYPES, build_llm
     from mera_ds.model.lora import with_lora
+    from mera_ds.model.lwf import Distillation
     from mera_ds.model.mllm import build_mllm, param_groups, set_trainable
 
     # DeepSpeed calls torch's renamed collectives on every step: one warning per call otherwise.
@@ -168,11 +182,15 @@ def setup_engine(cfg: RunConfig, spec: JobSpec, device: torch.device):
     # built outside that scope.
     with contextlib.nullcontext() if replicated else _partitioned(ds_config):
         llm, tokenizer = build_llm(cfg.llm, path=spec.init_llm)
+        teacher = build_llm(cfg.llm, path=spec.init_llm)[0] if spec.lwf else None
     if spec.merge_finetuned:
         llm = with_learned_merge(llm, spec.merge_finetuned, None if replicated else ds_config)
     if spec.lora:
         llm = with_lora(llm, spec.lora)
     mllm = build_mllm(cfg, modalities=list(spec.learned), llm=llm, tokenizer=tokenizer)
+    if teacher is not None:
+        mllm.distill = Distillation(teacher, spec.settings.lwf_alpha,
+                                    spec.settings.lwf_temperature)
     for m, url in spec.init_connectors.items():
         load_connector(mllm.connectors[m], url)
     set_trainable(mllm, llm=spec.train_llm, connectors=list(spec.train_connectors),
@@ -202,6 +220,15 @@ def _partitioned(ds_config: dict) -> Iterator[None]:
     finally:
         unset_hf_deepspeed_config()
         del config
+
+
+def ewc_penalty(spec: JobSpec, engine):
+    """The EWC penalty of a finetune with a Fisher (mera_ds.train.ewc), else None."""
+    if spec.phase != "finetune" or not spec.fisher:
+        return None
+    from mera_ds.train.ewc import Penalty
+
+    return Penalty(engine, spec.fisher, spec.init_llm, spec.settings.ewc_lambda)
 
 
 def replicates_llm(cfg: RunConfig, spec: JobSpec, device: torch.device) -> bool:
@@ -286,12 +313,14 @@ class _Window:
 def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
                checkpointer: Optional[Checkpointer], checkpoint_every: int,
                progress: Optional[Callable[[int, int, Optional[float], Optional[float]],
-                                           None]] = None) -> dict:
+                                           None]] = None, penalty=None) -> dict:
     """Steps start..settings.steps; returns the metrics (first and last loss, throughput).
 
     `progress(step, steps, loss, tokens_per_s)` is called on rank 0 as the loop starts (step =
     start) and after each step, with the loss and tokens/s of the logging window that closed at
     that step (else None): a console's progress bar. It must return at once.
+    `penalty` (mera_ds.train.ewc.Penalty): added to every step's gradient before its optimizer
+    step; the loss logged is the model's (without it), the penalty logged beside it.
     """
     report = progress if dist.get_rank() == 0 else None
     s = spec.settings
@@ -300,7 +329,7 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
     log_every = max(1, s.steps // 20)
     metrics = {"phase": spec.phase, "modality": spec.modality, "steps": s.steps,
                "resumed_at": start}
-    window, batches, step = _Window(), iter(loader), start
+    window, batches, step, penalties = _Window(), iter(loader), start, []
     # How long steps wait for their batches (the loader runs in this process unless
     # data.loader_workers): the loader's share of the loop's time, for the finetune benchmark.
     data_wait, loop_start = 0.0, time.perf_counter()
@@ -320,6 +349,8 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
             data_wait += time.perf_counter() - waited
             loss = engine(batch).loss
             engine.backward(loss)
+            if penalty and engine.is_gradient_accumulation_boundary():
+                penalties.append(penalty.apply(engine))
             engine.step()
             window.add(loss, int(batch["num_tokens"]))
         step += 1
@@ -333,6 +364,11 @@ def train_loop(spec: JobSpec, engine, device: torch.device, loader, start: int,
             board.scalars(step, loss=loss, tokens_per_s=tok_s)
             metrics.update(loss=loss, tokens_per_s=window.steady(tok_s))
             metrics.setdefault("first_loss", loss)
+            if penalties:  # the same on every rank
+                mean = sum(penalties) / len(penalties)
+                board.scalars(step, ewc_penalty=mean)
+                metrics.update(ewc_penalty=mean)
+                penalties.clear()
         if report:
             report(step, s.steps, *closed)
         if checkpointer and step % checkpoint_every == 0 and step < s.steps:
