@@ -446,9 +446,13 @@ def absolute(path: str) -> str:
 
 
 def model_path(v: Optional[str]) -> Optional[str]:
-    """An LLM's or encoder's path: a local directory made absolute (as `absolute` does), a hub
-    id or URL as it is. A relative path names a directory only if it is there."""
-    return absolute(v) if v and "://" not in v and os.path.isdir(v) else v
+    """An LLM's or encoder's path: a local one (node_cache.is_local_path: "./dir", "/dir"; or
+    "dir/sub" that is there, else it reads as a hub id) made absolute, as `absolute` does for
+    shards; a hub id or URL as it is."""
+    from mera_ds.model.node_cache import is_local_path
+
+    local = v and "://" not in v and (is_local_path(v) or os.path.isdir(v))
+    return absolute(v) if local else v
 
 
 def resolve_path(path: str) -> str:

@@ -169,3 +169,18 @@ def test_unreadable_config_files_are_one_line(tmp_path):
     text = open(DEFAULT).read() + "seed: 3\n"  # a second `seed:` would silently win
     with pytest.raises(ConfigError, match=r"not valid YAML at line \d+: duplicate key 'seed'"):
         load_config(write(tmp_path, text))
+
+
+def test_local_model_paths_become_absolute_and_hub_ids_stay(tmp_path, monkeypatch):
+    """Ray workers and launcher ranks run elsewhere: a local LLM or encoder directory is made
+    absolute when the config is read, as shard patterns are; a hub id is left to the hub."""
+    from mera_ds.config import EncoderConfig, LLMConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    assert LLMConfig(path="./missing").path == str(tmp_path / "missing")
+    assert LLMConfig(path="models/base").path == str(tmp_path / "models" / "base")
+    assert LLMConfig(path="org/name").path == "org/name"
+    assert LLMConfig(path="s3://b/llm").path == "s3://b/llm"
+    assert EncoderConfig(type="whisper", path="./models/base").path == \
+        str(tmp_path / "models" / "base")

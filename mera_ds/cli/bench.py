@@ -8,9 +8,10 @@ def register(sub):
     bench = p.add_subparsers(dest="bench", required=True)
     mcl = bench.add_parser("mcl", help="MERA against the MCL baselines, one order and seed, "
                                        "in one process")
-    mcl.add_argument("--config", default="launch/configs/default.yaml",
+    mcl.add_argument("--config", default="launch/configs/mcl.yaml",
                      help="run config: model, data and hyperparameters for every method "
-                          "(default: the embedded default)")
+                          "(default: the benchmark's, on the data and base LLM that `make "
+                          "mcl-shards` writes)")
     mcl.add_argument("--order", help="training order, e.g. image,video,audio,depth "
                                      "(default: the config's)")
     mcl.add_argument("--seed", type=int, help="default: the config's")
