@@ -211,10 +211,15 @@ def summarize(results: list[dict], reference: str = "mera-10") -> str:
     names = [n for n in EVERY_METHOD if n in found] + sorted(found - set(EVERY_METHOD))
     runs = ", ".join(f"{','.join(r['order'])}/s{r['seed']}" for r in results)
     paired = reference in found
+    # Where the runs' evaluation gives them: the final score on held-out answers, and the text
+    # perplexity after the last stage.
+    held = all(m.get("final_held_out") for r in results for m in r["methods"].values())
+    ppl = all(m.get("perplexity") for r in results for m in r["methods"].values())
     lines = [f"{len(results)} runs: {runs}; 95% confidence intervals (t over the runs)", "",
              "| method | BRG % mean [95% CI] | BRG min..max | final avg mean [95% CI] |" +
-             (f" final avg - {reference}'s, points [95% CI] |" if paired else ""),
-             "|---|---|---|---|" + ("---|" if paired else "")]
+             (f" final avg - {reference}'s, points [95% CI] |" if paired else "") +
+             (" final held-out avg |" if held else "") + (" final ppl |" if ppl else ""),
+             "|---|---|---|---|" + "---|" * (paired + held + ppl)]
     for n in names:
         ran = [r["methods"] for r in results if n in r["methods"]]
         brg = [m[n]["brg"] for m in ran if m[n]["brg"] is not None]
@@ -225,6 +230,11 @@ def summarize(results: list[dict], reference: str = "mera-10") -> str:
             diff = [100 * (m[n]["final_average"] - m[reference]["final_average"])
                     for m in ran if reference in m]
             row += f" {_interval(diff, '+.1f')} |"
+        if held:
+            row += " " + _interval([statistics.mean(m[n]["final_held_out"].values())
+                                    for m in ran], ".3f") + " |"
+        if ppl:
+            row += " " + _interval([m[n]["perplexity"][-1] for m in ran], ".3f") + " |"
         lines.append(row)
     return "\n".join(lines)
 
