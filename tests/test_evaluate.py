@@ -131,3 +131,23 @@ def test_evaluate_needs_the_learned_connectors(stage_inputs):
     with pytest.raises(MeraError, match="no such connector"):
         evaluate(cfg, "video", llm_dir=llm_dir,
                  connectors={**connectors, "image": connectors["image"] + ".missing"})
+
+
+def test_brg_interval_resamples_each_modality_paired():
+    from mera_ds.evaluate import brg_interval
+
+    own = [1.0] * 80 + [0.0] * 20
+    rows = [{"modality": "image", "scores": {"image": 0.8}, "sample_scores": {"image": own}},
+            {"modality": "video", "scores": {"image": 0.8, "video": 0.5},
+             "sample_scores": {"image": own, "video": [0.5] * 10}}]
+    # the same samples right after their stage and at the end: every resample gives 100%
+    assert brg_interval(rows) == (pytest.approx(100.0), pytest.approx(100.0))
+    # half of the samples right at the end lost: about 50%, an interval around it
+    rows[1]["sample_scores"]["image"] = [1.0] * 40 + [0.0] * 60
+    rows[1]["sample_scores"]["image"][:40] = own[:40]
+    low, high = brg_interval(rows)
+    assert low < 50.0 < high and high - low < 30
+    # a metric without per-sample scores (bleu), or one stage: no interval
+    assert brg_interval(rows[:1]) is None
+    del rows[1]["sample_scores"]["image"]
+    assert brg_interval(rows) is None

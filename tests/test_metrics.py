@@ -93,3 +93,19 @@ def test_task_metric_is_checked_against_the_registry(tiny_config):
 def test_the_config_imports_no_metric_dependency():
     code = "import sys, mera_ds.config; assert 'sacrebleu' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
+
+
+def test_per_sample_scores_and_their_bootstrap_interval():
+    from mera_ds.metrics import bootstrap_interval, sample_scores
+
+    predictions, answers = ["a small cone", "a large cube , far", "x"], ["a small cone , near"] * 3
+    per_sample = sample_scores("token_f1", predictions, answers)
+    assert sum(per_sample) / 3 == pytest.approx(METRICS["token_f1"](predictions, answers))
+    assert sample_scores("exact_match", ["A  b"], ["a b"]) == [1.0]
+    assert sample_scores("bleu", predictions, answers) is None  # a corpus-level metric
+    values = [1.0] * 70 + [0.0] * 30
+    low, high = bootstrap_interval(values)
+    # the binomial standard error of 0.7 on 100 samples is 0.046: about +-0.09 at 95%
+    assert 0.59 < low < 0.64 and 0.76 < high < 0.81
+    assert bootstrap_interval(values) == (low, high)  # seeded
+    assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)

@@ -1,5 +1,6 @@
 """Replay sampling: exact counts, a seeded subset copied byte for byte, readable by two ranks,
 local and S3, committed at once and never over an existing replay."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -156,3 +157,28 @@ def test_full_replay_json(source, tmp_path):
     assert set(_raw_by_key(info["pattern"])) == set(_raw_by_key(source))
     with open(tmp_path / "r" / "replay.json") as f:
         assert json.load(f)["keys_sha256"] == info["keys_sha256"]
+
+
+def test_a_realign_in_epochs_takes_its_steps_from_the_replay_sizes(tmp_path):
+    """stages.realign.epochs: the realign's steps follow its replay mix's size, known once the
+    replay steps have written it, so a 1% realign is a tenth of a 10% one."""
+    from mera_ds.config import RealignConfig
+    from mera_ds.data.replay import MANIFEST, ReplaySet
+    from mera_ds.storage import write_json
+    from mera_ds.train.recipe import JobSpec, with_length
+
+    sets = []
+    for name, samples in (("image", 200), ("video", 120)):
+        write_json(str(tmp_path / name / MANIFEST), {"pattern": f"{name}-{{0..1}}.tar",
+                                                     "samples": samples})
+        sets.append(ReplaySet(str(tmp_path / name)))
+    spec = JobSpec(name="02-video/realign", phase="realign", modality="video",
+                   learned=("image", "video"), train_llm=False, train_connectors=("image",),
+                   data=tuple(sets), settings=RealignConfig(epochs=1.5, batch_size=16),
+                   lr_llm=0.0, lr_connector=1e-3, init_llm=None)
+    assert with_length(spec).settings.steps == 30  # ceil(1.5 * 320 / 16)
+    fixed = dataclasses.replace(spec, settings=RealignConfig(steps=7))
+    assert with_length(fixed) is fixed
+    shards = dataclasses.replace(spec, data=("a-{0..1}.tar",))
+    with pytest.raises(MeraError, match="02-video/realign: epochs needs replay sets"):
+        with_length(shards)
