@@ -8,7 +8,7 @@ them. The plan, the executors, the report and the benchmark take every path from
     RUN/stages/NN-<modality>/finetune/connectors/<modality>.safetensors
     RUN/stages/NN-<modality>/finetune/fisher/  HF layout, float32 (EWC's, of the LLM beside it)
     RUN/stages/NN-<modality>/merge/llm/        HF layout (stage 1 has none)
-    RUN/stages/NN-<modality>/realign/connectors/<modality>.safetensors (every learned modality)
+    RUN/stages/NN-<modality>/realign/connectors/<modality>.safetensors (every learned; stage 1 none)
     RUN/stages/NN-<modality>/realign/coefficients.json   (a learned merge's, strategy ada)
     RUN/stages/NN-<modality>/eval/metrics.json
     RUN/replay/<modality>/replay-NNNNNN.tar, replay.json
