@@ -127,7 +127,7 @@ def test_export_writes_the_final_model_and_what_ties_it(run, exported):
     assert video["encoder"] == cfg.modality("video").encoder.model_dump(mode="json")
     assert video["encoder"]["type"] == "video" and video["encoder"]["num_frames"] == 4
     assert video["connector"] == {"type": "mlp2x_gelu", "file": "connectors/video.safetensors"}
-    assert video["task"] == {"metric": "exact_match", "max_new_tokens": 8}
+    assert video["task"] == {"metric": "exact_match", "extra_metrics": [], "max_new_tokens": 8}
     recorded = json.loads(open(run["layout"].manifest).read())["steps"][final.name]["result"]
     assert doc["source"] == {"run_dir": run["dir"], "config_digest": cfg.digest(),
                              "eval_step": "04-depth/evaluate", "scores": recorded["scores"],

@@ -91,34 +91,6 @@ def test_finetune_two_stages_zero3(tiny_config, tmp_path):
     stage_dir = os.path.dirname(layout.finetune_llm("image"))
     assert sorted(os.listdir(stage_dir)) == ["connectors", "llm"]  # nothing half-written left
 
-    # Realign on a 10% replay: only the connector trains; the LLM's files stay byte-identical.
-    from mera_ds.data.replay import sample_replay
-
-    sample_replay(cfg["modalities"][0]["train_shards"], layout.replay_dir("image"), 0.1, seed=0)
-    llm_files = {n: open(os.path.join(layout.finetune_llm("image"), n), "rb").read()
-                 for n in os.listdir(layout.finetune_llm("image"))}
-    torchrun(cfg, "realign", "image", tmp_path / "realign")
-    start_r = load_file(tmp_path / "realign" / "start-full.safetensors")
-    end_r = load_file(tmp_path / "realign" / "end-full.safetensors")
-    assert equal_prefix(start_r, "llm.", end_r) and equal_prefix(start_r, "encoder.", end_r)
-    assert not equal_prefix(start_r, "connector.image.", end_r)
-    assert all(torch.equal(v, start_r[f"connector.image.{k}"]) for k, v in connector.items())
-    realigned = load_file(layout.realign_connector("image", "image"))
-    assert all(torch.equal(v, end_r[f"connector.image.{k}"]) for k, v in realigned.items())
-    assert llm_files == {n: open(os.path.join(layout.finetune_llm("image"), n), "rb").read()
-                         for n in os.listdir(layout.finetune_llm("image"))}
-    # auto: the tiny LLM fits, so it was replicated (no ZeRO). The same realign with the LLM
-    # partitioned (zero3) trains the same connector, up to float32 reduction order.
-    assert json.loads((tmp_path / "realign" / "metrics.json").read_text())["zero_stage"] == 0
-    shutil.rmtree(os.path.dirname(os.path.dirname(layout.realign_connector("image", "image"))))
-    zero3 = copy.deepcopy(cfg)
-    zero3["stages"]["realign"]["mode"] = "zero3"
-    torchrun(zero3, "realign", "image", tmp_path / "realign-zero3")
-    assert json.loads((tmp_path / "realign-zero3" / "metrics.json").read_text())[
-        "zero_stage"] == 3
-    for k, v in load_file(layout.realign_connector("image", "image")).items():
-        torch.testing.assert_close(v, realigned[k], rtol=1e-4, atol=1e-6)
-
     # Stage 2 starts from stage 1's LLM and leaves stage 1's artifacts as they were.
     before = {p: open(p, "rb").read() for p in [layout.finetune_connector("image")]}
     torchrun(cfg, "finetune", "video", tmp_path / "video")
@@ -128,6 +100,43 @@ def test_finetune_two_stages_zero3(tiny_config, tmp_path):
     assert all(open(p, "rb").read() == b for p, b in before.items())
     exported2 = hf_tensors(layout.finetune_llm("video"))
     assert any(not torch.equal(exported2[n], exported[n]) for n in exported)
+
+    # Stage 2's realign (stage 1 has none), on the 10% replays, after the merge: only the
+    # connectors train, each from its finetune; the merged LLM's files stay byte-identical.
+    from mera_ds.data.replay import sample_replay
+    from mera_ds.run.local import run_step
+    from mera_ds.run.plan import Method, find_step, plan
+
+    parsed = parse_config(cfg)
+    run_step(parsed, find_step(plan(parsed, Method.of(parsed), layout), "merge", "video"))
+    for m in cfg["modalities"][:2]:
+        sample_replay(m["train_shards"], layout.replay_dir(m["name"]), 0.1, seed=0)
+    merged = layout.merge_llm("video")
+    llm_files = {n: open(os.path.join(merged, n), "rb").read() for n in os.listdir(merged)}
+    torchrun(cfg, "realign", "video", tmp_path / "realign")
+    start_r = load_file(tmp_path / "realign" / "start-full.safetensors")
+    end_r = load_file(tmp_path / "realign" / "end-full.safetensors")
+    assert equal_prefix(start_r, "llm.", end_r) and equal_prefix(start_r, "encoder.", end_r)
+    realigned = {}
+    for m in ("image", "video"):
+        assert not equal_prefix(start_r, f"connector.{m}.", end_r)
+        assert all(torch.equal(v, start_r[f"connector.{m}.{k}"])
+                   for k, v in load_file(layout.finetune_connector(m)).items())
+        realigned[m] = load_file(layout.realign_connector("video", m))
+        assert all(torch.equal(v, end_r[f"connector.{m}.{k}"]) for k, v in realigned[m].items())
+    assert llm_files == {n: open(os.path.join(merged, n), "rb").read() for n in os.listdir(merged)}
+    # auto: the tiny LLM fits, so it was replicated (no ZeRO). The same realign with the LLM
+    # partitioned (zero3) trains the same connectors, up to float32 reduction order.
+    assert json.loads((tmp_path / "realign" / "metrics.json").read_text())["zero_stage"] == 0
+    shutil.rmtree(os.path.dirname(os.path.dirname(layout.realign_connector("video", "video"))))
+    zero3 = copy.deepcopy(cfg)
+    zero3["stages"]["realign"]["mode"] = "zero3"
+    torchrun(zero3, "realign", "video", tmp_path / "realign-zero3")
+    assert json.loads((tmp_path / "realign-zero3" / "metrics.json").read_text())[
+        "zero_stage"] == 3
+    for m in ("image", "video"):
+        for k, v in load_file(layout.realign_connector("video", m)).items():
+            torch.testing.assert_close(v, realigned[m][k], rtol=1e-4, atol=1e-6)
 
 
 def test_align_trains_only_the_connector(tiny_config, tmp_path):

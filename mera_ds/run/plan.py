@@ -358,5 +358,8 @@ def find_step(steps: list[Step], phase: str, modality: str) -> Step:
            "align": "stages.align.enabled is false",
            "fisher": "only the ewc method of `mera bench mcl` estimates one",
            "base": "only the first stage of a run whose merges span the stages has one (stages."
-                   "merge.across_stages)"}.get(phase, "stages.realign.enabled is false")
+                   "merge.across_stages)",
+           "realign": "nothing is merged at the first stage, so it has no realign"
+           if steps and modality == steps[0].modality else "stages.realign.enabled is false"
+           }.get(phase, "stages.realign.enabled is false")
     raise MeraError(f"the run's plan has no {phase} step for modality {modality!r} ({why})")
