@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import torch
@@ -60,7 +61,7 @@ def perplexity(llm, rows: torch.Tensor, batch_size: int = 64) -> float:
         total += float(llm(input_ids=batch, labels=batch).loss) * n
         count += n
     llm.train(was_training)
-    return float(torch.exp(torch.tensor(total / count)))
+    return math.exp(total / count)
 
 
 def pretrain_base(out: str, *, seed: int = 0, sentences: int = 40000,
