@@ -91,17 +91,17 @@ def _score(result: dict, name: str, task, predictions: list[str], answers: list[
         result["held_out_scores"][name] = METRICS[task.metric](*map(list, zip(*kept)))
 
 
-def text_perplexity(llm, tokenizer, url: str, length: int = 64) -> float:
-    """The LLM's perplexity on a text file (one document per line), in rows of `length`
-    tokens."""
-    from mera_ds.model.base import perplexity, token_rows
+def text_perplexity(llm, tokenizer, url: str) -> float:
+    """The LLM's perplexity on a text file (one document per line), in rows of base.LENGTH
+    tokens, as the base's own is measured."""
+    from mera_ds.model.base import LENGTH, perplexity, token_rows
     from mera_ds.storage import open_url
 
     with open_url(url, "rb") as f:
         lines = [line for line in f.read().decode().splitlines() if line.strip()]
-    rows = token_rows(tokenizer, lines, length)
+    rows = token_rows(tokenizer, lines, LENGTH)
     if not len(rows):
-        raise MeraError(f"{url}: stages.eval.text has fewer than {length} tokens")
+        raise MeraError(f"{url}: stages.eval.text has fewer than {LENGTH} tokens")
     return perplexity(llm, rows)
 
 

@@ -25,6 +25,9 @@ log = logging.getLogger("mera_ds.base")
 
 HELDOUT = "heldout.txt"
 ABOUT = "pretrain.json"
+# Tokens per row of pretraining and of every perplexity measured (so the base's and a stage's
+# are comparable).
+LENGTH = 64
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -66,7 +69,7 @@ def perplexity(llm, rows: torch.Tensor, batch_size: int = 64) -> float:
 
 def pretrain_base(out: str, *, seed: int = 0, sentences: int = 40000,
                   heldout_sentences: int = 2000, vocab_size: int = 768, steps: int = 1500,
-                  batch_size: int = 32, length: int = 64, lr: float = 3e-3) -> dict:
+                  batch_size: int = 32, length: int = LENGTH, lr: float = 3e-3) -> dict:
     """Train the tokenizer and pretrain the tiny Llama on the corpus (next-token loss, AdamW,
     5% warm-up then cosine); write the LLM, tokenizer, held-out text and a summary to `out`
     (whole or not at all). Returns the summary, held-out perplexity included."""
