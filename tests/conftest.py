@@ -17,12 +17,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# What session fixtures put in the environment: kept for every later test, also when the fixture
+# was first made inside a test (`request.getfixturevalue`), under that test's own_environment.
+SESSION_ENV: dict = {}
+
+
 @pytest.fixture(autouse=True)
 def own_environment():
     """Each test gets the environment back as it found it: a job run in the test process sets
     RANK, WORLD_SIZE and the like (init_distributed, as one process), and a subprocess started
     by a later test with those and no MASTER_ADDR would look for MPI."""
-    with mock.patch.dict(os.environ):
+    with mock.patch.dict(os.environ, SESSION_ENV):
         yield
 
 
@@ -66,12 +71,15 @@ def s3_endpoint():
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    SESSION_ENV.update(env)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     old_conf = fsspec.config.conf.get("s3")
     fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
     yield endpoint
     server.stop()
+    for k in env:
+        SESSION_ENV.pop(k)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

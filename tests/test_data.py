@@ -1,4 +1,5 @@
 """The data layer on local files: built-in dataset, reading, splitting, corrupt data, CLI."""
+import gzip
 import io
 import json
 import logging
@@ -11,7 +12,7 @@ import pytest
 from mera_ds.cli import main
 from mera_ds.data.inspect import inspect_shards
 from mera_ds.data.loader import make_loader, make_mixed_loader, read_samples, sample_stream
-from mera_ds.data.tar import expand_shards, rank_shards
+from mera_ds.data.tar import expand_shards, rank_shards, raw_samples
 from mera_ds.data.synth import SAMPLE_RATE, TASKS, _digit_pool, synth_dataset
 from mera_ds.data.writer import encode_sample, write_shards
 from mera_ds.errors import MeraError
@@ -238,6 +239,41 @@ def test_shard_cut_at_a_member_boundary_is_caught(tmp_path):
     _truncate(f"{tmp_path}/t-000000.tar", end_of_k1)
     with pytest.raises(MeraError, match=r"t-000000\.tar: corrupt shard at "
                                         r"sample 'k1'"):
+        list(read_samples(pattern))
+
+
+def _tar_of(samples, path, fmt, opener=open):
+    """A shard written by tarfile in `fmt`, members in sample order (as webdataset writes)."""
+    with opener(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=fmt) as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if not ext.startswith("__"):
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fmt,opener", [
+    (tarfile.USTAR_FORMAT, open), (tarfile.GNU_FORMAT, open), (tarfile.PAX_FORMAT, gzip.open)])
+def test_shards_written_by_other_tars_read_whole(tmp_path, fmt, opener):
+    """Keys in directories (the ustar prefix field), keys too long for a header (GNU long names,
+    pax records; ustar has none) and gzip: every sample comes back as written."""
+    long = "d" * 90 + "/" + ("k" * 120 if fmt != tarfile.USTAR_FORMAT else "k" * 60)
+    samples = [_sample(key, j) for j, key in enumerate(["a", "dir/b", long])]
+    _tar_of(samples, f"{tmp_path}/o-000000.tar", fmt, opener)
+    got = list(raw_samples(f"{tmp_path}/o-000000.tar"))
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in got] == samples
+
+
+def test_garbled_header_names_the_shard(tmp_path):
+    pattern = write_shards([_sample(f"k{j}", j) for j in range(3)], f"{tmp_path}/g", 3)
+    path = f"{tmp_path}/g-000000.tar"
+    with tarfile.open(path) as tar:
+        header = tar.getmember("k1.json").offset
+    with open(path, "r+b") as f:  # one bit of the header's name: only the checksum tells
+        f.seek(header)
+        f.write(b"j")
+    with pytest.raises(MeraError, match=r"g-000000\.tar: corrupt shard at sample 'k1'.*checksum"):
         list(read_samples(pattern))
 
 
