@@ -70,9 +70,7 @@ class MLLM(nn.Module):
             if x is None:
                 feats = embeds.new_zeros((0, encoder.num_tokens, encoder.out_dim), dtype=dtype)
             else:
-                if x.is_floating_point():  # inputs come as fp32; the model may run in bf16
-                    x = x.to(dtype=embeds.dtype)
-                feats = encoder(x.to(ids.device))
+                feats = encoder(x.to(ids.device))  # each encoder casts to its own dtype
             features[modality] = connector(feats.to(dtype)).to(embeds.dtype)
         # Rows in batch order; within a modality the collator stacked inputs in that order too.
         seen = dict.fromkeys(features, 0)
