@@ -5,9 +5,9 @@ Three paths over the same samples, alternated in each repeat:
 
 - `webdataset`: `wds.WebDataset(urls).decode(...)`, reading the tars and decoding images to uint8
   arrays (`l8`: what mera's decoder gives for these grayscale PNGs) and the json; audio with
-  soundfile, as mera does. On S3 it opens shards through fsspec (a `gopen_schemes["s3"]`
-  handler: the same s3fs client as mera's), and also through `pipe:aws s3 cp URL -`, the way
-  webdataset's documentation reads S3;
+  mera's own call (`media.decode_audio`: soundfile). On S3 it opens shards through fsspec (a
+  `gopen_schemes["s3"]` handler: the same s3fs client as mera's), and also through `pipe:aws s3
+  cp URL -`, the way webdataset's documentation reads S3;
 - `mera decode`: `read_samples` (mera's tar reader and `decode_sample`): the peer of the above;
 - `mera train`: the training loader as a finetune job builds it (`make_loader`: resampled
   shards, a shuffle buffer of 256, the `Collator` tokenizing and packing micro-batches for the
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -35,7 +34,6 @@ from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
-import soundfile
 import webdataset as wds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +51,9 @@ def make_shards(out: str, modality: str, samples: int, per_shard: int) -> str:
 
 
 def _decode_audio(data: bytes) -> np.ndarray:
-    audio, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return audio.mean(axis=1)
+    from mera_ds.data.media import decode_audio
+
+    return decode_audio(data)[0]  # the same call as mera's decoder: only the loaders differ
 
 
 def wds_samples(urls: list[str]) -> Iterator[dict]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mera_ds.data.media import decode_audio
 from mera_ds.data.tar import CorruptDataError
 
 # Tar member extension of each input field -> input_kind of the decoded sample (docs/DATA.md).
@@ -27,10 +28,7 @@ def _decode_field(ext: str, data: bytes) -> tuple[np.ndarray, int | None]:
                 img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
             return np.asarray(img, dtype=np.uint8), None
     if ext in ("wav", "flac"):
-        import soundfile
-
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return audio.mean(axis=1), int(rate)  # mono: the audio encoders take one channel
+        return decode_audio(data)  # mono: the audio encoders take one channel
     arr = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle data from a shard
     return arr, None
 
