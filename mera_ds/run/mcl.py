@@ -154,6 +154,11 @@ def method_scores(rows: list[dict]) -> dict:
     return scores
 
 
+def held_out_average(scores: dict) -> float:
+    """A method's final average over the modalities' held-out-answer scores."""
+    return statistics.mean(scores["final_held_out"].values())
+
+
 # --- output -------------------------------------------------------------------------------------
 
 def format_table(result: dict, matrix: bool = False) -> str:
@@ -166,8 +171,7 @@ def format_table(result: dict, matrix: bool = False) -> str:
         brg = "n/a" if r["brg"] is None else f"{r['brg']:.1f}"
         if r.get("brg_ci"):
             brg += " [{:.1f}, {:.1f}]".format(*r["brg_ci"])
-        held = r.get("final_held_out")
-        held = f"{sum(held.values()) / len(held):.3f}" if held else "-"
+        held = f"{held_out_average(r):.3f}" if r.get("final_held_out") else "-"
         ppl = f"{r['perplexity'][-1]:.2f}" if r.get("perplexity") else "-"
         lines.append(f"{n:<16}{brg:>22}{r['final_average']:>11.3f}{held:>10}{ppl:>7}"
                      f"{r['seconds']:>9.0f}")
@@ -231,8 +235,7 @@ def summarize(results: list[dict], reference: str = "mera-10") -> str:
                     for m in ran if reference in m]
             row += f" {_interval(diff, '+.1f')} |"
         if held:
-            row += " " + _interval([statistics.mean(m[n]["final_held_out"].values())
-                                    for m in ran], ".3f") + " |"
+            row += " " + _interval([held_out_average(m[n]) for m in ran], ".3f") + " |"
         if ppl:
             row += " " + _interval([m[n]["perplexity"][-1] for m in ran], ".3f") + " |"
         lines.append(row)
