@@ -78,13 +78,16 @@ MCL_JOBS   ?= 2
 MCL_METHODS ?=
 MCL_OUT    ?= runs/mcl
 MCL_CONFIG ?= launch/configs/mcl.yaml
+# config fields set over MCL_CONFIG's, e.g. MCL_SET=stages.finetune.lora=null (full finetunes)
+MCL_SET    ?=
 bench-mcl: setup mcl-shards
 	mkdir -p $(MCL_OUT)
 	printf '%s\n' $(foreach o,$(MCL_ORDERS),$(foreach s,$(MCL_SEEDS),"$(o) $(s)")) | \
 	  OMP_NUM_THREADS=1 xargs -P $(MCL_JOBS) -L 1 sh -c \
 	  '$(VENV)/bin/mera bench mcl --config $(MCL_CONFIG) --order $$0 --seed $$1 --resume \
 	   --out $(MCL_OUT)/$$0-s$$1 \
-	   $(if $(MCL_METHODS),--methods $(MCL_METHODS)) > $(MCL_OUT)/$$0-s$$1.log 2>&1 \
+	   $(if $(MCL_METHODS),--methods $(MCL_METHODS)) $(foreach s,$(MCL_SET),--set $(s)) \
+	   > $(MCL_OUT)/$$0-s$$1.log 2>&1 \
 	   || { echo "failed: see $(MCL_OUT)/$$0-s$$1.log"; exit 255; }'
 	$(VENV)/bin/mera bench mcl-summary $(MCL_OUT)/*/mcl.json
 

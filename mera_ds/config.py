@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
@@ -530,8 +530,42 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str) -> RunConfig:
-    """Read and validate a run config; every problem is one ConfigError line naming the file."""
+def apply_overrides(data: dict, overrides: Sequence[str], source: str) -> dict:
+    """`KEY=VALUE` settings over a config's fields (`--set`): KEY a dotted path, a list's items
+    by index (modalities.0.train_shards); VALUE in YAML (`null` unsets, `2e-4`, `{r: 8}`)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. stages.finetune.lr_llm=2e-4")
+        try:
+            value = yaml.load(text, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e})") from None
+        *parents, last = key.split(".")
+        node = data
+        for i, part in enumerate([*parents, last]):
+            where = ".".join(key.split(".")[:i]) or "the top level"
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item}: {where} is a list of {len(node)}; "
+                                      f"{part!r} is not one of its indexes")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {where} is not a mapping or a list in {source}")
+            if i == len(parents):
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}  # a section the file leaves out
+                node = node[part]
+    return data
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a run config, with `overrides` (apply_overrides) set over the file's
+    fields; every problem is one ConfigError line naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
@@ -546,4 +580,7 @@ def load_config(path: str) -> RunConfig:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: "
                           f"{getattr(e, 'problem', None) or e}") from None
+    if overrides and isinstance(data, dict):  # a file that is no mapping: parse_config says so
+        data = apply_overrides(data, overrides, path)
+        path = f"{path} (with --set {' '.join(overrides)})"
     return parse_config(data, path)

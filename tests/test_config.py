@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from mera_ds.config import ConfigError, load_config, parse_size
+from mera_ds.config import ConfigError, load_config, parse_config, parse_size
 
 DEFAULT = "launch/configs/default.yaml"
 
@@ -184,3 +184,32 @@ def test_local_model_paths_become_absolute_and_hub_ids_stay(tmp_path, monkeypatc
     assert LLMConfig(path="s3://b/llm").path == "s3://b/llm"
     assert EncoderConfig(type="whisper", path="./models/base").path == \
         str(tmp_path / "models" / "base")
+
+
+def test_set_overrides_fields_of_the_file():
+    """--set: the config of the file with those fields changed, the same as a file saying so."""
+    cfg = load_config("launch/configs/mcl.yaml",
+                      ["stages.finetune.lora=null", "stages.finetune.lr_llm=2e-4",
+                       "modalities.1.connector.type=linear", "stages.align={enabled: false}"])
+    assert cfg.stages.finetune.lora is None and cfg.stages.finetune.lr_llm == 2e-4
+    assert cfg.modalities[1].connector.type == "linear" and not cfg.stages.align.enabled
+    with open("launch/configs/mcl.yaml") as f:
+        data = yaml.safe_load(f)
+    data["stages"]["finetune"]["lora"] = None
+    assert load_config("launch/configs/mcl.yaml", ["stages.finetune.lora=null"]).digest() == \
+        parse_config(data, "x").digest()
+
+
+@pytest.mark.parametrize("item, message", [
+    ("stages.finetune", "--set stages.finetune: expected KEY=VALUE"),
+    ("stages.finetune.lroa=1", "launch/configs/mcl.yaml (with --set stages.finetune.lroa=1): "
+                               "stages.finetune.lroa: unknown field"),
+    ("modalities.7.name=x", "--set modalities.7.name=x: modalities is a list of 4; '7' is not"),
+    ("seed.x=1", "--set seed.x=1: seed is not a mapping or a list"),
+    ("seed=[1", "--set seed=[1: the value is not valid YAML"),
+])
+def test_bad_set_is_one_line_naming_it(item, message):
+    out = subprocess.run([sys.executable, "-m", "mera_ds", "config", "check",
+                          "launch/configs/mcl.yaml", "--set", item], capture_output=True, text=True)
+    line = out.stderr.strip()
+    assert out.returncode == 2 and "\n" not in line and line.startswith(f"mera: error: {message}")

@@ -11,8 +11,15 @@ from mera_ds.errors import MeraError
 EXECUTORS = ("ray", "local")
 
 
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a config field over the file's, e.g. --set stages.finetune.lora=null "
+                        "(a dotted path, list items by index; the value in YAML; repeatable)")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """--run, --executor and --ray-address: where a run's artifacts go and what runs its steps."""
+    """--run, --executor, --ray-address and --set: where a run's artifacts go, what runs its
+    steps, and config fields set over the file's."""
     p.add_argument("--run", help="run directory (default: the config's run_dir)")
     p.add_argument("--executor", choices=EXECUTORS, default="ray",
                    help="ray: training steps as Ray Train jobs, the rest as Ray tasks (default); "
@@ -22,6 +29,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="training steps between resume checkpoints (default: a quarter of "
                         "the job; 0: none)")
+    add_set_argument(p)
 
 
 def execute_steps(args, cfg, steps, resume: bool):
@@ -49,10 +57,10 @@ def execute_steps(args, cfg, steps, resume: bool):
 
 
 def run_config(args):
-    """The run config of `args.config` with --run and --ray-address applied."""
+    """The run config of `args.config` with --set, --run and --ray-address applied."""
     from mera_ds.config import absolute, load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     update = {"run_dir": absolute(args.run)} if args.run else {}
     if args.ray_address:
         update["cluster"] = cfg.cluster.model_copy(update={"ray_address": args.ray_address})

@@ -2,6 +2,8 @@
 `mera bench mcl-summary`: mean and spread over several of its JSON results."""
 import os
 
+from mera_ds.cli import add_set_argument
+
 
 def register(sub):
     p = sub.add_parser("bench", help="benchmarks")
@@ -21,6 +23,7 @@ def register(sub):
     mcl.add_argument("--out", help="working directory (default: runs/mcl/ORDER-sSEED)")
     mcl.add_argument("--json", help="write the results here (default: OUT/mcl.json)")
     mcl.add_argument("--matrix", action="store_true", help="print every method's P matrix")
+    add_set_argument(mcl)
     mcl.add_argument("--resume", action="store_true",
                      help="continue the benchmark in OUT: finished steps are skipped")
     mcl.set_defaults(func=_mcl)
@@ -35,7 +38,7 @@ def _mcl(args):
     from mera_ds.run.mcl import bench_config, format_table, plot, run_mcl
     from mera_ds.storage import write_json
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     order = args.order.split(",") if args.order else None
     seed = cfg.seed if args.seed is None else args.seed
     out = args.out or os.path.join(

@@ -1,4 +1,5 @@
 """`mera config check CONFIG`: validate a run config without running anything."""
+from mera_ds.cli import add_set_argument
 from mera_ds.config import load_config
 
 
@@ -7,11 +8,12 @@ def register(sub):
     csub = p.add_subparsers(dest="config_command", required=True)
     check = csub.add_parser("check", help="validate a run config; print its summary")
     check.add_argument("config")
+    add_set_argument(check)
     check.set_defaults(func=_check)
 
 
 def _check(args):
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     print(f"{args.config}: ok (digest {cfg.digest()})")
     print(f"  run_dir: {cfg.run_dir}")
     print(f"  llm: {cfg.llm.path or 'built-in tiny Llama'} ({cfg.llm.dtype})")
