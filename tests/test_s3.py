@@ -70,3 +70,30 @@ def test_inspect_and_corrupt_shards_on_s3(s3_bucket, fs, capsys):
     assert main(["shards", "inspect", f"{s3_bucket}/ds/nothing-*.tar"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert errors == [f"mera: error: {s3_bucket}/ds/nothing-*.tar: no shards matched"]
+
+
+def test_remote_shards_read_ahead_as_local_ones(s3_bucket, tmp_path, monkeypatch):
+    """A remote shard is opened while the one before it is read (a small one fetched whole, a
+    larger one in background blocks): the samples and their order are the local ones, and a
+    missing shard is named when the stream reaches it, after every sample before it."""
+    from mera_ds.data import tar
+
+    remote = synth_dataset(f"{s3_bucket}/ds", **COUNTS)["audio"]["train"]
+    local = synth_dataset(str(tmp_path), **COUNTS)["audio"]["train"]
+    keys = [s["__key__"] for s in read_samples(local)]
+    for whole, block in ((tar.WHOLE, tar.BLOCK), (1024, 8192)):  # the second: blocks of 8 KB
+        monkeypatch.setattr(tar, "WHOLE", whole)
+        monkeypatch.setattr(tar, "BLOCK", block)
+        samples = list(read_samples(remote))
+        assert [s["__key__"] for s in samples] == keys
+        for r, l in zip(samples, read_samples(local)):
+            np.testing.assert_array_equal(r["input"], l["input"])
+    urls = expand_shards(remote)
+    missing = f"{s3_bucket}/ds/audio/train-000009.tar"
+    seen = []
+    with pytest.raises(MeraError, match=f"^{missing}: no such shard$"):
+        for sample in read_samples(f"{{{urls[0]},{missing},{urls[1]}}}"):
+            seen.append(sample["__key__"])
+    assert seen == keys[:4]  # the first shard's samples, then the error
+    stream = iter(make_loader(remote, batch_size=2, collate_fn=list, num_steps=50))
+    assert len(next(stream)) == 2  # an endless stream left after one batch: nothing waits

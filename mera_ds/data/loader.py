@@ -20,7 +20,8 @@ import torch.utils.data
 import webdataset as wds
 
 from mera_ds.data.decode import decode_sample
-from mera_ds.data.tar import CorruptDataError, expand_shards, rank_shards, raw_samples
+from mera_ds.data.tar import (CorruptDataError, expand_shards, opened_ahead, rank_shards,
+                              raw_samples)
 from mera_ds.errors import MeraError
 
 log = logging.getLogger("mera_ds.data")
@@ -97,10 +98,10 @@ class SampleStream(torch.utils.data.IterableDataset):
 
     def _samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         failed: set[str] = set()  # shards read since the last good sample without giving one
-        for url in self._shard_order(rng):
+        for url, opener in opened_ahead(self._shard_order(rng)):
             good = False
             try:
-                for raw in raw_samples(url):
+                for raw in raw_samples(url, opener):
                     try:
                         sample = decode_sample(raw)
                     except CorruptDataError as e:

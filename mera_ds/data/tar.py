@@ -11,13 +11,16 @@ Nor is it tarfile's, which both build on: its header parsing costs more than dec
 from __future__ import annotations
 
 import bz2
+import concurrent.futures as cf
+import functools
 import glob
 import gzip
+import io
 import lzma
 import re
 import tarfile
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 
@@ -199,8 +202,57 @@ def _uncompressed(f):
     return f
 
 
-def raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The undecoded samples of one shard: {"__key__", "__url__", <extension>: bytes, ...}.
+# Remote shards are read ahead, so that a step does not wait for S3 between shards or blocks: a
+# shard up to WHOLE bytes is fetched whole while the one before it is read; a larger one is read
+# in blocks of BLOCK, the next fetched while one is parsed (fsspec's background cache). A stream
+# holds at most two shards or two blocks. Local files have the kernel's read-ahead.
+WHOLE = 16 << 20
+BLOCK = 16 << 20
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """The shard's bytes as a file, for `raw_samples`: a remote one read ahead (WHOLE, BLOCK)."""
+    if not storage.is_remote(url):
+        return storage.open_url(url, "rb")
+    fs, path = storage.url_to_fs(url)
+    with storage.accessing(url):
+        size = fs.size(path)
+        if size <= WHOLE:
+            return io.BytesIO(fs.cat_file(path))
+        return fs.open(path, "rb", block_size=BLOCK, cache_type="background",
+                       cache_options={"maxblocks": 2}, size=size)
+
+
+def opened_ahead(urls: Iterable[str]) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+    """(url, opener) of each shard in order, for `raw_samples(url, opener)`; a remote shard is
+    opened (and a small one fetched) in a background thread while the one before it is read.
+    The order of `urls` is not changed; it is only asked for one shard earlier."""
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-ahead")
+
+    def start(url: str | None) -> Callable[[], IO[bytes]] | None:
+        if url is None:
+            return None
+        if not storage.is_remote(url):
+            return functools.partial(open_shard, url)
+        return pool.submit(open_shard, url).result
+
+    try:
+        urls = iter(urls)
+        url = next(urls, None)
+        opener = start(url)
+        while url is not None:
+            following = next(urls, None)
+            ahead = start(following)
+            yield url, opener
+            url, opener = following, ahead
+    finally:  # a stream left early: what is being fetched is dropped when it arrives
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def raw_samples(url: str, opener: Callable[[], IO[bytes]] | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """The undecoded samples of one shard: {"__key__", "__url__", <extension>: bytes, ...};
+    `opener` gives its bytes (`opened_ahead`), by default `open_shard(url)`.
 
     Raises CorruptDataError (kind "shard") naming the shard and the sample being read when the tar
     is truncated or malformed; a missing shard is a plain MeraError.
@@ -208,7 +260,7 @@ def raw_samples(url: str) -> Iterator[dict[str, Any]]:
     key = None
     current: dict[str, Any] | None = None
     try:
-        with storage.open_url(url, "rb") as f:
+        with (opener or functools.partial(open_shard, url))() as f:
             for name, data in _members(_uncompressed(f)):
                 prefix, ext = _base_plus_ext(name)
                 if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
