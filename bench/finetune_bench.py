@@ -86,6 +86,29 @@ def wait_for_shards(out: str) -> str:
     return open(pattern_file).read()
 
 
+def default_config(args, mode: str):
+    """The embedded default's run (launch/configs/default.yaml: its tiny MLLM, encoder and
+    built-in shards) cut to `--modality`, for `--data default`; the steps and micro-batch of the
+    command line, one micro-batch per rank."""
+    import yaml
+
+    from mera_ds.config import parse_config
+
+    with open(os.path.join(ROOT, "launch/configs/default.yaml")) as f:
+        data = yaml.safe_load(f)
+    modality = next((m for m in data["modalities"] if m["name"] == args.modality), None)
+    if modality is None:
+        raise SystemExit(f"--modality {args.modality}: not one of the embedded default's")
+    for field in ("train_shards", "eval_shards"):
+        modality[field] = os.path.join(ROOT, modality[field])
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    data.update(run_dir=os.path.join(args.out, f"run-{mode}"), modalities=[modality])
+    data["stages"]["finetune"].update(steps=args.steps, batch_size=args.micro_batch * world,
+                                      micro_batch_size=args.micro_batch, warmup_steps=2)
+    data["cluster"]["num_workers"] = world
+    return parse_config(data, "bench")
+
+
 def run_config(args, pattern: str, mode: str):
     from mera_ds.config import parse_config
 
@@ -131,11 +154,12 @@ def flops_per_token(cfg, pattern: str, n_samples: int, n_params: int) -> tuple[f
 
 
 def finetune_step(cfg):
-    """The plan's finetune step of the "feat" modality: what `mera run` would train."""
+    """The plan's finetune step of the config's (first) modality: what `mera run` would train."""
     from mera_ds.run.layout import RunLayout
     from mera_ds.run.plan import Method, find_step, plan
 
-    return find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), "finetune", "feat")
+    return find_step(plan(cfg, Method.of(cfg), RunLayout.of(cfg)), "finetune",
+                     cfg.modalities[0].name)
 
 
 def bench_mera(cfg, realign: str | None = None) -> dict:
@@ -229,6 +253,10 @@ def main() -> None:
     p.add_argument("--realign-mode", choices=["zero3", "data_parallel"], default="zero3",
                    help="--mode realign: where the frozen LLM lives")
     p.add_argument("--out", required=True)
+    p.add_argument("--data", choices=["features", "default"], default="features",
+                   help="features: long instructions of precomputed features at --size; "
+                        "default: the embedded default's model and built-in shards (make shards)")
+    p.add_argument("--modality", default="image", help="--data default: which modality")
     p.add_argument("--size", choices=list(SIZES), default="1b")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -244,6 +272,16 @@ def main() -> None:
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.makedirs(args.out, exist_ok=True)
+    if args.data == "default":
+        if args.mode == "hf":
+            raise SystemExit("--data default: --mode mera or realign")
+        cfg = default_config(args, args.mode)
+        result = bench_mera(cfg, args.realign_mode if args.mode == "realign" else None)
+        result.update(mode=args.mode, data="default", modality=args.modality,
+                      micro_batch=args.micro_batch, steps=args.steps)
+        report(args, result)
+        return
     if int(os.environ.get("RANK", "0")) == 0:
         make_shards(args.out, args.samples, args.seq_len, seed=0)
     pattern = wait_for_shards(args.out)
@@ -265,14 +303,25 @@ def main() -> None:
                   micro_batch=args.micro_batch, steps=args.steps, mean_sample_tokens=mean_len,
                   model_flops_per_token=fpt,
                   mfu=result["tokens_per_s"] * fpt / peak if peak else None)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if "data_wait_share" in result:
-            print(f"loader share of step time: {100 * result['data_wait_share']:.1f}% "
-                  f"({result['data_wait_s']:.2f} s of {result['loop_s']:.1f} s waiting for "
-                  "batches)")
-        print("RESULT " + json.dumps(result))
-        with open(os.path.join(args.out, f"result-{args.mode}{args.tag}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    report(args, result)
+
+
+def report(args, result: dict) -> None:
+    """Rank 0 prints the result (and the loader's share of step time) and writes it to
+    OUT/result-MODE[TAG].json."""
+    import torch
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    result.setdefault("device", torch.cuda.get_device_name() if torch.cuda.is_available()
+                      else "cpu")
+    if "data_wait_share" in result:
+        print(f"loader share of step time: {100 * result['data_wait_share']:.1f}% "
+              f"({result['data_wait_s']:.2f} s of {result['loop_s']:.1f} s waiting for "
+              "batches)")
+    print("RESULT " + json.dumps(result))
+    with open(os.path.join(args.out, f"result-{args.mode}{args.tag}.json"), "w") as f:
+        json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
