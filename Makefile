@@ -16,7 +16,8 @@ export DS_ACCELERATOR ?= cpu
 # venv, so a job never waits on another checkout's build or on a lock a killed build left.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup system-deps demo shards mcl-shards test test-slow test-all bench-mcl image-cpu \
+.PHONY: setup system-deps demo shards mcl-shards test test-slow test-all bench-mcl bench-mcl-full \
+	image-cpu \
 	test-image clean
 
 $(VENV)/.installed: setup.py
@@ -90,6 +91,15 @@ bench-mcl: setup mcl-shards
 	   > $(MCL_OUT)/$$0-s$$1.log 2>&1 \
 	   || { echo "failed: see $(MCL_OUT)/$$0-s$$1.log"; exit 255; }'
 	$(VENV)/bin/mera bench mcl-summary $(MCL_OUT)/*/mcl.json
+
+# The same benchmark with full finetunes (every LLM weight) instead of LoRA, at the rate chosen the
+# same way for them (BENCHMARKS.md: the closest to LLaVA's full-finetune 2e-5 that learns every
+# task on single-modality runs); the realign at the finetune's connector rate, as mcl.yaml's.
+MCL_FULL_SET := stages.finetune.lora=null stages.finetune.lr_llm=3.0e-4 \
+	stages.finetune.lr_connector=3.0e-4 stages.realign.lr=3.0e-4
+MCL_FULL_OUT ?= runs/mcl-full
+bench-mcl-full:
+	$(MAKE) bench-mcl MCL_SET="$(MCL_FULL_SET)" MCL_OUT=$(MCL_FULL_OUT)
 
 # Container images (docker/README.md): the CPU image, built with podman on a Debian base made by
 # mmdebstrap (cached in ~/.cache/mera-ds-image); test-image also runs the embedded default cut to
