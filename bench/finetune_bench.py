@@ -90,17 +90,12 @@ def default_config(args, mode: str):
     """The embedded default's run (launch/configs/default.yaml: its tiny MLLM, encoder and
     built-in shards) cut to `--modality`, for `--data default`; the steps and micro-batch of the
     command line, one micro-batch per rank."""
-    import yaml
+    from mera_ds.config import load_config, parse_config
 
-    from mera_ds.config import parse_config
-
-    with open(os.path.join(ROOT, "launch/configs/default.yaml")) as f:
-        data = yaml.safe_load(f)
+    data = load_config(os.path.join(ROOT, "launch/configs/default.yaml")).model_dump()
     modality = next((m for m in data["modalities"] if m["name"] == args.modality), None)
     if modality is None:
         raise SystemExit(f"--modality {args.modality}: not one of the embedded default's")
-    for field in ("train_shards", "eval_shards"):
-        modality[field] = os.path.join(ROOT, modality[field])
     world = int(os.environ.get("WORLD_SIZE", 1))
     data.update(run_dir=os.path.join(args.out, f"run-{mode}"), modalities=[modality])
     data["stages"]["finetune"].update(steps=args.steps, batch_size=args.micro_batch * world,
