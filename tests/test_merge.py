@@ -19,7 +19,7 @@ from mera_ds.io.reader import Checkpoint, read_header
 from mera_ds.io.writer import ShardedWriter, plan_shards
 from mera_ds.config import MergeConfig
 from mera_ds.errors import MeraError
-from mera_ds.merge.engine import BLOCK, READ, merge_llm
+from mera_ds.merge.engine import BLOCK, CHUNK, READ, merge_llm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,6 +139,28 @@ def test_dare_drops_and_rescales_reproducibly(models, tmp_path):
         assert torch.equal(got, b[name])  # independent of the shard plan
     assert abs(kept / total - 0.4) < 0.02
     assert any(not torch.equal(a[n], c[n]) for n in a)  # the seed matters
+
+
+def test_dare_draws_one_mask_per_block_of_a_large_tensor(tmp_path):
+    """Block j of tensor w keeps the elements where rand(generator seeded by (seed, w, k, j))
+    >= p: the same masks however many blocks the engine merges at once, in any version."""
+    import hashlib
+
+    n = READ + CHUNK + 2 * BLOCK + 5  # several reads and chunks, a short last block
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    for d, t in (("x", x), ("y", y)):
+        os.makedirs(tmp_path / d)
+        save_file({"w": t}, str(tmp_path / d / "model.safetensors"))
+    merge_llm(str(tmp_path / "x"), [str(tmp_path / "y")], str(tmp_path / "out"),
+              MergeConfig(strategy="dare", drop_p=0.3, lam=0.5, seed=5))
+    masks = []
+    for j, block in enumerate((y - x).split(BLOCK)):
+        key = hashlib.sha256(f"5\0w\0{0}\0{j}".encode()).digest()[:8]
+        rng = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        masks.append(torch.rand(block.shape, generator=rng) >= 0.3)
+    want = ((y - x) * torch.cat(masks) / 0.7) * 0.5 + x
+    assert torch.equal(state(tmp_path / "out")["w"], want)
 
 
 def test_bf16_is_computed_in_fp32_and_stored_in_bf16(tmp_path):

@@ -15,8 +15,8 @@ embeddings); merging the embeddings merges the head, so nothing more is needed. 
 with an untied one is refused (the configs' tie_word_embeddings differ, or lm_head.weight is
 missing on one side).
 
-Memory: elementwise strategies (all but ties) read pieces of READ elements and merge them in
-blocks of BLOCK, so each worker thread holds one piece of each input and one of the output:
+Memory: elementwise strategies (all but ties and pcb) read pieces of READ elements and merge them
+in chunks of CHUNK, so each worker thread holds one piece of each input and one of the output:
 threads x (K + 1) x READ x itemsize, whatever the size of the model, of its tensors or of the
 output shards (planned up front, each piece written at its place, mera_ds.io.writer). ties needs
 whole tensors (its top-k is over a whole delta): about (K + 3) x the largest tensor in fp32 per
@@ -55,8 +55,14 @@ from mera_ds.merge.strategies import BLOCK, Strategy, make_strategy
 
 log = logging.getLogger(__name__)
 
-# Elements of one tensor read from each input at once (a multiple of BLOCK): 4 MB of bf16.
-READ = 32 * BLOCK
+# Elements of one tensor merged by one call of an elementwise strategy: a whole number of dare's
+# BLOCKs. Every torch operation holds Python's GIL for a moment, so the fewer per byte, the less
+# the worker threads wait for each other: merging 1.7 GB of bf16 (K = 2), two threads together
+# spent 1.8x one thread's time on it with 64K elements per call, 1.25x with 256K, and one thread
+# 20% less. 1 MB of fp32 per input still stays in the caches through the chain of operations.
+CHUNK = 4 * BLOCK
+# Elements of one tensor read from each input at once (a multiple of CHUNK): 4 MB of bf16.
+READ = 8 * CHUNK
 # Pieces the kernel is asked to read ahead of the one being merged (posix_fadvise WILLNEED): with
 # a cold page cache the disk then works while the workers compute, even with one thread.
 AHEAD = 8
@@ -162,7 +168,7 @@ def plan_merge(prev: str, finetuned: Sequence[str], cfg: MergeConfig,
 
 def _pieces(spec: TensorSpec, elementwise: bool) -> list[tuple[int, int]]:
     """(first element, count) of the runs of a tensor read at once: READ elements (a multiple
-    of BLOCK), or the whole tensor for a strategy that needs it."""
+    of CHUNK), or the whole tensor for a strategy that needs it."""
     if spec.is_float and not elementwise:
         return [(0, spec.numel)]
     return [(start, min(READ, spec.numel - start))
@@ -171,22 +177,22 @@ def _pieces(spec: TensorSpec, elementwise: bool) -> list[tuple[int, int]]:
 
 class _Buffers:
     """One worker's memory, reused from piece to piece: a read buffer per input, an output buffer
-    and fp32 scratch blocks. New memory costs a page fault per 4 KB on first touch, which would
-    cost more than the merge itself; and the buffers are cut into BLOCK views once per dtype, so
-    merging a block makes no new tensor objects (no work for Python's garbage collector)."""
+    and fp32 scratch chunks. New memory costs a page fault per 4 KB on first touch, which would
+    cost more than the merge itself; and the buffers are cut into CHUNK views once per dtype, so
+    merging a chunk makes no new tensor objects (no work for Python's garbage collector)."""
 
     def __init__(self, n_inputs: int, itemsize: int):
         self.read = [torch.empty(READ * itemsize, dtype=torch.uint8) for _ in range(n_inputs)]
         self.out = torch.empty(READ * itemsize, dtype=torch.uint8)
-        self.scratch = [torch.empty(BLOCK) for _ in range(n_inputs)]
+        self.scratch = [torch.empty(CHUNK) for _ in range(n_inputs)]
         self._blocks: dict[torch.dtype, tuple] = {}
 
     def blocks(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]],
                                                   tuple[torch.Tensor, ...]]:
-        """The read buffers' and the output buffer's BLOCK-element views as `dtype`."""
+        """The read buffers' and the output buffer's CHUNK-element views as `dtype`."""
         if dtype not in self._blocks:
-            self._blocks[dtype] = ([b.view(dtype).split(BLOCK) for b in self.read],
-                                   self.out.view(dtype).split(BLOCK))
+            self._blocks[dtype] = ([b.view(dtype).split(CHUNK) for b in self.read],
+                                   self.out.view(dtype).split(CHUNK))
         return self._blocks[dtype]
 
 
@@ -211,12 +217,12 @@ def _merge_piece(strategy: Strategy, spec: TensorSpec, start: int, raw: list[tor
         return strategy.merge(spec.name, 0, fp32[0], fp32[1:]).to(spec.torch_dtype)
     count = raw[0].numel()
     ins, outs = bufs.blocks(spec.torch_dtype)
-    for j in range(-(-count // BLOCK)):
-        n = min(BLOCK, count - j * BLOCK)
-        fp32 = [scratch.copy_(b[j]) if n == BLOCK else scratch[:n].copy_(b[j][:n])
+    for j in range(-(-count // CHUNK)):
+        n = min(CHUNK, count - j * CHUNK)
+        fp32 = [scratch.copy_(b[j]) if n == CHUNK else scratch[:n].copy_(b[j][:n])
                 for scratch, b in zip(bufs.scratch, ins)]
-        merged = strategy.merge(spec.name, start // BLOCK + j, fp32[0], fp32[1:])
-        (outs[j] if n == BLOCK else outs[j][:n]).copy_(merged)
+        merged = strategy.merge(spec.name, (start + j * CHUNK) // BLOCK, fp32[0], fp32[1:])
+        (outs[j] if n == CHUNK else outs[j][:n]).copy_(merged)
     return bufs.out.view(spec.torch_dtype)[:count]
 
 
@@ -312,7 +318,7 @@ def merge_shards(job: MergeJob, progress: Optional[Callable[[int], None]] = None
 
 @contextlib.contextmanager
 def _single_threaded_torch() -> Iterator[None]:
-    """Ops on BLOCK elements gain nothing from intra-op threads, and their wake-ups compete with
+    """Ops on CHUNK elements gain nothing from intra-op threads, and their wake-ups compete with
     the workers (measured: 15x slower with 2 intra-op threads on 2 cores). Parallelism comes
     from the workers instead, each on whole pieces. (Threads started later inherit the setting.)"""
     before = torch.get_num_threads()

@@ -40,9 +40,9 @@ import torch
 
 from mera_ds.errors import MeraError
 
-# Elements of one tensor merged at once by an elementwise strategy: 64K fp32 values of each input
-# stay in the CPU's cache through the chain of operations (about 3x faster than whole tensors).
-# Part of the definition of dare's random masks (see the module doc): changing it changes dare.
+# The runs of elements that dare draws one random mask for (see the module doc): part of the
+# definition of its masks, so changing it changes dare. The engine merges a whole number of them
+# at once (mera_ds.merge.engine.CHUNK).
 BLOCK = 1 << 16
 
 
@@ -74,8 +74,9 @@ class Strategy:
 
     def merge(self, name: str, block: int, prev: torch.Tensor,
               finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`block`: which run of BLOCK elements of tensor `name` this is (elementwise
-        strategies); 0 for whole tensors."""
+        """`prev` and `finetuned`: elements of tensor `name` from the start of its run of BLOCK
+        elements number `block`: one or several whole runs (the tensor's last may be short),
+        or the whole tensor (block 0)."""
         raise NotImplementedError
 
 
@@ -155,8 +156,10 @@ class Dare(TaskArithmetic):
         delta = x.sub_(prev)
         p = self.cfg.drop_p
         if p > 0:
-            keep = torch.rand(delta.shape, generator=self.generator(name, k, block)) >= p
-            delta.mul_(keep).div_(1 - p)
+            for j, part in enumerate(delta.view(-1).split(BLOCK)):  # a mask per run of BLOCK
+                part.mul_(torch.rand(part.shape, generator=self.generator(name, k, block + j))
+                          >= p)
+            delta.div_(1 - p)
         return delta
 
 
