@@ -150,7 +150,8 @@ class _Weight:
     def terms(self, lam: float):
         from deepspeed.utils import safe_get_local_fp32_param
 
-        delta = safe_get_local_fp32_param(self.p) - self.anchor
+        # the master copy is a leaf that requires grad: the penalty's value needs no graph
+        delta = safe_get_local_fp32_param(self.p).detach() - self.anchor
         return (self.fisher * delta.square()).sum() * lam / 2, [(self.p, lam * self.fisher * delta)]
 
 
