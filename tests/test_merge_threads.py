@@ -11,7 +11,7 @@ from mera_ds.config import MergeConfig
 from mera_ds.errors import MeraError
 from mera_ds.io.format import TensorSpec
 from mera_ds.io.writer import ShardPieceWriter, plan_shards
-from mera_ds.merge.engine import BLOCK, READ, merge_llm
+from mera_ds.merge.engine import BLOCK, READ, _work_order, merge_llm
 
 from .test_merge import state
 
@@ -61,6 +61,25 @@ def test_one_and_several_threads_write_the_same_bytes(inputs, tmp_path, cfg):
     assert torch.equal(state(tmp_path / "t2")["b.ids"], torch.arange(11))  # prev's, untouched
 
 
+def test_workers_take_the_shards_in_turn_each_in_file_order():
+    """Two workers then write two files at once (buffered writes to one file wait for each
+    other), and a remote shard, written as one stream, gets its pieces in order."""
+    specs = [TensorSpec(f"t{k}", "BF16", (n * READ,)) for k, n in enumerate((3, 4, 2, 1))]
+    shards = plan_shards(specs, 7 * READ * 2)  # 3 + 4 pieces, then 2 + 1
+    assert [len(s.tensors) for s in shards] == [2, 2]
+    order = _work_order(shards, elementwise=True)
+    assert len(order) == 10
+    for shard in shards:
+        mine = [(spec.name, start) for s, spec, start, _ in order if s is shard]
+        assert mine == sorted(mine, key=lambda p: (int(p[0][1:]), p[1]))  # file order
+    # the shard furthest behind (the fraction of its pieces taken) always comes next
+    done = {s.filename: 0 for s in shards}
+    total = {s.filename: sum(-(-t.numel // READ) for t in s.tensors) for s in shards}
+    for shard, *_ in order:
+        assert shard.filename == min(done, key=lambda f: (done[f] / total[f], f))
+        done[shard.filename] += 1
+
+
 def test_pieces_written_in_any_order_land_in_place(tmp_path):
     x, y = torch.arange(10, dtype=torch.float32), torch.arange(6, dtype=torch.int32)
     (plan,) = plan_shards([TensorSpec.of("x", x), TensorSpec.of("y", y)], 1 << 20)
@@ -98,3 +117,18 @@ def test_a_failing_worker_stops_the_merge(inputs, tmp_path):
 def test_threads_must_be_positive():
     with pytest.raises(ValueError, match="threads"):
         MergeConfig(threads=0)
+
+
+def test_two_threads_merge_into_s3_as_into_a_local_directory(inputs, s3_bucket, tmp_path):
+    """An S3 shard is one stream written in order: the workers, taking the shards in turn,
+    still hand each shard its pieces in file order, and nothing waits forever."""
+    from mera_ds import storage
+
+    cfg = MergeConfig(strategy="linear", shard_size="3MB", threads=2)
+    merge_llm(inputs[0], inputs[1:], str(tmp_path / "local"), cfg)
+    merge_llm(inputs[0], inputs[1:], f"{s3_bucket}/merged", cfg)
+    local = files(tmp_path / "local")
+    assert sum(f.endswith(".safetensors") for f in local) > 1
+    for name, data in local.items():
+        with storage.open_url(f"{s3_bucket}/merged/{name}", "rb") as f:
+            assert f.read() == data, name
