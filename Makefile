@@ -17,8 +17,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup system-deps demo shards mcl-shards test test-slow test-all bench-mcl bench-mcl-full \
-	image-cpu \
-	test-image clean
+	image-cpu test-image clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)

@@ -186,15 +186,15 @@ class _Buffers:
         self.read = [torch.empty(READ * itemsize, dtype=torch.uint8) for _ in range(n_inputs)]
         self.out = torch.empty(READ * itemsize, dtype=torch.uint8)
         self.scratch = [torch.empty(CHUNK) for _ in range(n_inputs)]
-        self._blocks: dict[torch.dtype, tuple] = {}
+        self._chunks: dict[torch.dtype, tuple] = {}
 
-    def blocks(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]],
+    def chunks(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]],
                                                   tuple[torch.Tensor, ...]]:
         """The read buffers' and the output buffer's CHUNK-element views as `dtype`."""
-        if dtype not in self._blocks:
-            self._blocks[dtype] = ([b.view(dtype).split(CHUNK) for b in self.read],
+        if dtype not in self._chunks:
+            self._chunks[dtype] = ([b.view(dtype).split(CHUNK) for b in self.read],
                                    self.out.view(dtype).split(CHUNK))
-        return self._blocks[dtype]
+        return self._chunks[dtype]
 
 
 def _read_piece(inputs: list[Checkpoint], spec: TensorSpec, start: int, count: int,
@@ -217,7 +217,7 @@ def _merge_piece(strategy: Strategy, spec: TensorSpec, start: int, raw: list[tor
         fp32 = [t.float() for t in raw]
         return strategy.merge(spec.name, 0, fp32[0], fp32[1:]).to(spec.torch_dtype)
     count = raw[0].numel()
-    ins, outs = bufs.blocks(spec.torch_dtype)
+    ins, outs = bufs.chunks(spec.torch_dtype)
     for j in range(-(-count // CHUNK)):
         n = min(CHUNK, count - j * CHUNK)
         fp32 = [scratch.copy_(b[j]) if n == CHUNK else scratch[:n].copy_(b[j][:n])
